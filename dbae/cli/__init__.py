@@ -1,0 +1,1 @@
+"""The ``dbae`` command line (see :mod:`dbae.cli.main`)."""

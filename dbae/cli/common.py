@@ -1,0 +1,64 @@
+"""Arguments and input handling shared by several sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..data import ShapesDataset
+from ..errors import DataError
+from ..imageio import load_images
+from ..inference import LoadedModel, load_model
+from ..sampling import SAMPLERS
+from ..training.trainer import resolve_device
+
+
+def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint file, or a run directory (its newest checkpoint)")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+
+
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", type=Path, help="an image file or a folder of png/jpg/webp images")
+    src.add_argument("--dataset", choices=["shapes"], help="built-in data (held-out split)")
+    p.add_argument("--n", type=int, default=16, help="number of built-in images to use (default 16)")
+    p.add_argument(
+        "--resize", action="store_true",
+        help="resize and centre-crop images to the model's size (otherwise other sizes are an error)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in data and of any sampling noise")
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nfe", type=int, default=10, help="network evaluations budget (default 10)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="euler", help="ODE sampler (default euler)")
+    p.add_argument("--churn", type=float, default=0.0, help="stochastic churn ratio in [0, 1) (default 0)")
+
+
+def open_model(args: argparse.Namespace) -> LoadedModel:
+    return load_model(args.ckpt, ema=not args.raw_weights, device=resolve_device(args.device))
+
+
+def read_inputs(args: argparse.Namespace, image_size: int) -> torch.Tensor:
+    if args.images is not None:
+        if not args.images.exists():
+            raise DataError(f"{args.images} does not exist")
+        return load_images(args.images, image_size, exact_size=not args.resize)
+    if args.n < 1:
+        raise DataError("--n must be at least 1")
+    data = ShapesDataset(image_size=image_size, seed=args.seed, split="test")
+    return torch.stack([data[i][0] for i in range(args.n)])
+
+
+def check_sampler_arguments(args: argparse.Namespace) -> None:
+    from ..sampling import nfe_for
+
+    if not (0.0 <= args.churn < 1.0):
+        raise DataError(f"--churn must lie in [0, 1), got {args.churn}")
+    least = nfe_for(1, args.sampler, args.churn)
+    if args.nfe < least:
+        raise DataError(f"--nfe {args.nfe} is too small for --sampler {args.sampler} --churn {args.churn}: need >= {least}")

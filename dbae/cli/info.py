@@ -1,0 +1,46 @@
+"""``dbae info``: configuration and parameter counts of a checkpoint or a preset."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..config import PRESETS, dumps, get_preset
+from ..model import DBAE
+from ..training.checkpoint import load_checkpoint
+from ..inference import resolve_checkpoint
+
+HELP = "print the configuration and parameter counts of a checkpoint or preset"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="checkpoint file or run directory")
+    src.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--config", action="store_true", help="also print the full configuration as JSON")
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:9.2f}M"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.ckpt:
+        path = resolve_checkpoint(args.ckpt)
+        ckpt = load_checkpoint(path, with_optimizer=False)
+        preset, header = ckpt.preset, f"checkpoint {path} (step {ckpt.step}, preset {ckpt.preset.name})"
+    else:
+        preset, header = get_preset(args.preset), f"preset {args.preset}"
+    with torch.device("meta"):
+        counts = DBAE(preset.model).parameter_counts()
+    m = preset.model
+    print(header)
+    print(f"  image {m.image_size}x{m.image_size}x{m.image_channels}, z_dim {m.z_dim}, "
+          f"{'stochastic' if m.encoder.stochastic else 'deterministic'} encoder")
+    print("  parameters:")
+    for part in ("unet", "encoder", "decoder", "total"):
+        print(f"    {part:<8} {_millions(counts[part])}  ({counts[part]:,})")
+    if args.config:
+        print(dumps(preset))
+    return 0

@@ -1,0 +1,37 @@
+"""``dbae`` command line: one sub-command per module in this package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import DBAEError
+from . import encode, info, reconstruct, train
+
+COMMANDS = {"train": train, "reconstruct": reconstruct, "encode": encode, "info": info}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dbae", description="Diffusion Bridge AutoEncoders")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except DBAEError as exc:
+        print(f"dbae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dbae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

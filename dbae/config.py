@@ -1,0 +1,268 @@
+"""Typed configuration of a DBAE model and its training run, with named presets.
+
+Paper presets (SPEC section 9, the paper's Table 6): ``celeba64``, ``ffhq128``,
+``horse128``, ``bedroom128``. Tiny CPU presets: ``shapes32`` (the README's quick start)
+and ``tiny16`` (unit tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .bridge import BridgeConfig
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """ADM-style score U-Net F_theta(x_in, c_noise, x_T, z) (SPEC 1, 9)."""
+
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 1, 2, 3, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    num_head_channels: int = 64
+    dropout: float = 0.1
+    num_groups: int = 32
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Half-U-Net encoder image -> z (SPEC 1, 9)."""
+
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 1, 2, 3, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    num_head_channels: int = 64
+    num_groups: int = 32
+    #: stochastic head (DBAE) outputs (m, l) for z = mu + sig eps; deterministic is DBAE-d
+    stochastic: bool = True
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """FastGAN-style upsampling decoder z -> x_T.
+
+    ``channels`` lists the feature width at 4x4, 8x8, ..., image_size (one entry per
+    resolution, so ``len(channels) == log2(image_size / 4) + 1``).
+    """
+
+    channels: tuple[int, ...] = (1024, 512, 256, 128, 128, 64)
+    skip_excitation: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 128
+    image_channels: int = 3
+    z_dim: int = 512
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if size < 8 or size & (size - 1):
+            raise ConfigError(f"image_size must be a power of two >= 8, got {size}")
+        expected = size.bit_length() - 3 + 1  # log2(size/4) + 1
+        if len(self.decoder.channels) != expected:
+            raise ConfigError(
+                f"decoder.channels needs {expected} entries for image_size {size} "
+                f"(4x4 up to {size}x{size}), got {len(self.decoder.channels)}"
+            )
+        levels = len(self.unet.channel_mult)
+        if size % (2 ** (levels - 1)):
+            raise ConfigError(f"unet.channel_mult has too many levels for image_size {size}")
+        if size % (2 ** (len(self.encoder.channel_mult) - 1)):
+            raise ConfigError(f"encoder.channel_mult has too many levels for image_size {size}")
+        if self.z_dim < 1:
+            raise ConfigError("z_dim must be positive")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    steps: int = 1_000_000
+    #: "fp32", "bf16" or "fp16" (autocast; mixed precision is only used on CUDA)
+    precision: str = "bf16"
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 5000
+    ckpt_every: int = 5000
+    #: sampler used for the periodic reconstruction grids
+    sample_nfe: int = 10
+    #: "shapes" (built-in procedural data) or a path to an image folder
+    dataset: str = "shapes"
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("batch_size", "steps", "log_every", "sample_every", "ckpt_every", "sample_nfe"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (0.0 <= self.ema_decay < 1.0):
+            raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+
+
+def _paper_unet_128() -> UNetConfig:
+    return UNetConfig(base_channels=128, channel_mult=(1, 1, 2, 3, 4), attention_resolutions=(16,))
+
+
+def _paper_encoder_128() -> EncoderConfig:
+    return EncoderConfig(base_channels=128, channel_mult=(1, 1, 2, 3, 4, 4), attention_resolutions=(16,))
+
+
+def _paper_128(name: str) -> Preset:
+    model = ModelConfig(
+        image_size=128,
+        z_dim=512,
+        unet=_paper_unet_128(),
+        encoder=_paper_encoder_128(),
+        decoder=DecoderConfig(channels=(1024, 512, 256, 128, 128, 64)),
+    )
+    return Preset(name, model, TrainConfig(batch_size=128))
+
+
+def _celeba64() -> Preset:
+    model = ModelConfig(
+        image_size=64,
+        z_dim=512,
+        unet=UNetConfig(base_channels=64, channel_mult=(1, 2, 4, 8), attention_resolutions=(16,)),
+        encoder=EncoderConfig(base_channels=64, channel_mult=(1, 2, 4, 8, 8), attention_resolutions=(16,)),
+        decoder=DecoderConfig(channels=(1024, 512, 256, 128, 128)),
+    )
+    return Preset("celeba64", model, TrainConfig(batch_size=128))
+
+
+def _shapes32() -> Preset:
+    model = ModelConfig(
+        image_size=32,
+        z_dim=32,
+        unet=UNetConfig(
+            base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+            attention_resolutions=(8,), num_head_channels=32, dropout=0.0, num_groups=8,
+        ),
+        encoder=EncoderConfig(
+            base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+            attention_resolutions=(), num_head_channels=32, num_groups=8,
+        ),
+        decoder=DecoderConfig(channels=(128, 64, 32, 32)),
+    )
+    train = TrainConfig(
+        batch_size=32, lr=1e-3, ema_decay=0.99, steps=1500, precision="fp32",
+        log_every=25, sample_every=500, ckpt_every=500, sample_nfe=10,
+    )
+    return Preset("shapes32", model, train)
+
+
+def _tiny16() -> Preset:
+    model = ModelConfig(
+        image_size=16,
+        z_dim=16,
+        unet=UNetConfig(
+            base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+            attention_resolutions=(8,), num_head_channels=16, dropout=0.0, num_groups=4,
+        ),
+        encoder=EncoderConfig(
+            base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+            attention_resolutions=(), num_head_channels=16, num_groups=4,
+        ),
+        decoder=DecoderConfig(channels=(64, 32, 16)),
+    )
+    train = TrainConfig(
+        batch_size=32, lr=2e-3, ema_decay=0.95, steps=300, precision="fp32",
+        log_every=10, sample_every=100, ckpt_every=100, sample_nfe=8,
+    )
+    return Preset("tiny16", model, train)
+
+
+PRESETS: dict[str, Any] = {
+    "celeba64": _celeba64,
+    "ffhq128": lambda: _paper_128("ffhq128"),
+    "horse128": lambda: _paper_128("horse128"),
+    "bedroom128": lambda: _paper_128("bedroom128"),
+    "shapes32": _shapes32,
+    "tiny16": _tiny16,
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None
+
+
+# ----- (de)serialization -----
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(x) for x in obj]
+    return obj
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        ftype = fields[name].type
+        sub = _NESTED.get((cls, name))
+        if sub is not None:
+            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        elif isinstance(value, list) or (isinstance(ftype, str) and ftype.startswith("tuple")):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+_NESTED: dict[tuple[type, str], type] = {
+    (ModelConfig, "unet"): UNetConfig,
+    (ModelConfig, "encoder"): EncoderConfig,
+    (ModelConfig, "decoder"): DecoderConfig,
+    (ModelConfig, "bridge"): BridgeConfig,
+    (Preset, "model"): ModelConfig,
+    (Preset, "train"): TrainConfig,
+}
+
+
+def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
+    return _build(ModelConfig, data, "model")
+
+
+def train_config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    return _build(TrainConfig, data, "train")
+
+
+def preset_from_dict(data: Mapping[str, Any]) -> Preset:
+    return _build(Preset, data, "preset")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(to_dict(obj), indent=2, sort_keys=True)

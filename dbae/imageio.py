@@ -1,0 +1,253 @@
+"""Reading and writing images: files <-> tensors in [-1, 1] of shape (3, H, W).
+
+Every problem with an input file raises :class:`~dbae.errors.DataError` whose message
+names the file and says what is wrong. Images are converted to RGB: grayscale is
+replicated, palette images are expanded, and transparent images are composited over a
+white background. Resizing (``resize_square``) scales the shorter side to the target
+size with Pillow's antialiased bicubic filter and keeps the central square.
+
+Writes (``save_image``, ``save_grid``) are atomic: the file is written next to its
+destination under a temporary name and then renamed over it; parent folders are created.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from .errors import DataError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: extensions (lower case) recognised as images when scanning a folder; matching ignores case
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+_WHITE = (255, 255, 255, 255)
+
+
+def check_image_size(image_size: int) -> int:
+    """Return ``image_size`` if it is a positive int, else raise DataError."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"image size must be a positive integer, got {image_size!r}")
+    return image_size
+
+
+def find_images(root: PathLike) -> list[Path]:
+    """All image files under ``root`` (recursive), sorted by their path relative to root."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such directory")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    paths = sorted(
+        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not paths:
+        looked_for = ", ".join(IMAGE_EXTENSIONS)
+        raise DataError(
+            f"{root}: no images found (looked recursively for {looked_for} files, any letter case)"
+        )
+    return paths
+
+
+def open_rgb(path: PathLike) -> Image.Image:
+    """Decode the whole file into an RGB image (EXIF orientation applied).
+
+    Truncated files are an error: they are never loaded partially.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not an image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from exc
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grayscale
+        levels = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(levels.clip(0, 255).round().astype(np.uint8))
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+        background = Image.new("RGBA", im.size, _WHITE)
+        return Image.alpha_composite(background, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
+
+
+def resize_square(im: Image.Image, image_size: int, center_crop: bool = True) -> Image.Image:
+    """Resize to ``image_size`` x ``image_size``.
+
+    With ``center_crop`` the shorter side is scaled to ``image_size`` and the central
+    square kept (aspect ratio preserved); without it the whole image is scaled to a
+    square (aspect ratio not preserved). Cropping and resampling happen in one
+    antialiased bicubic resize, so there is no intermediate rounding.
+    """
+    w, h = im.size
+    if center_crop:
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    else:
+        box = (0, 0, w, h)
+    return im.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1]."""
+    array = np.array(im, dtype=np.uint8)  # a writable copy
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def load_image(
+    path: PathLike,
+    image_size: int | None = None,
+    *,
+    exact_size: bool = False,
+    center_crop: bool = True,
+) -> torch.Tensor:
+    """Load one image as a float32 tensor (3, H, W) in [-1, 1].
+
+    ``image_size=None`` keeps the file's size. Otherwise the image is resized to
+    ``image_size`` squared (see :func:`resize_square`), unless ``exact_size`` is set: then
+    a file of any other size raises DataError instead.
+    """
+    im = open_rgb(path)
+    if image_size is None:
+        if exact_size:
+            raise ValueError("exact_size=True needs an image_size")
+        return pil_to_tensor(im)
+    check_image_size(image_size)
+    if exact_size:
+        if im.size != (image_size, image_size):
+            w, h = im.size
+            raise DataError(f"{path}: image is {w}x{h} pixels, expected {image_size}x{image_size}")
+        return pil_to_tensor(im)
+    return pil_to_tensor(resize_square(im, image_size, center_crop))
+
+
+def load_images(
+    source: PathLike | Iterable[PathLike],
+    image_size: int | None = None,
+    *,
+    exact_size: bool = False,
+    center_crop: bool = True,
+) -> torch.Tensor:
+    """Load a folder (recursive, see :func:`find_images`), one file, or a list of files
+    as a float32 batch (B, 3, H, W) in [-1, 1]. Without ``image_size`` all images must
+    already share one size."""
+    if isinstance(source, (str, os.PathLike)):
+        paths = find_images(source) if Path(source).is_dir() else [Path(source)]
+    else:
+        paths = [Path(p) for p in source]
+    if not paths:
+        raise DataError("no image files given")
+    images = [
+        load_image(p, image_size, exact_size=exact_size, center_crop=center_crop) for p in paths
+    ]
+    for path, image in zip(paths, images):
+        if image.shape != images[0].shape:
+            raise DataError(
+                f"{path}: image is {_size_text(image)} pixels but {paths[0]} is "
+                f"{_size_text(images[0])}; give an image size to resize them all to one size"
+            )
+    return torch.stack(images)
+
+
+def _size_text(image: torch.Tensor) -> str:
+    return f"{image.shape[-1]}x{image.shape[-2]}"
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Tensor (..., C, H, W) in [-1, 1] (clamped) -> uint8 numpy array (..., H, W, C)."""
+    x = x.detach().float().clamp(-1.0, 1.0).add(1.0).mul(127.5).round()
+    return x.to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+
+def _to_pil(x: torch.Tensor) -> Image.Image:
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image tensor (1 or 3, H, W), got shape {tuple(x.shape)}")
+    array = to_uint8(x)
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
+
+
+def save_image(path: PathLike, x: torch.Tensor) -> None:
+    """Write one image tensor (C, H, W) in [-1, 1] (clamped); format from the extension."""
+    _save_atomic(_to_pil(x), Path(path))
+
+
+def save_grid(
+    path: PathLike,
+    rows: Sequence[torch.Tensor],
+    row_labels: Sequence[str] | None = None,
+    padding: int = 2,
+) -> None:
+    """Write a grid with one row per batch (B_i, C, H, W) in [-1, 1] (values clamped, so
+    endpoints x_T outside [-1, 1] are shown saturated). Optional labels are drawn left of
+    each row with Pillow's default font. The background and padding are white.
+
+    Size: width = padding + label_width + max_i(B_i) * (W + padding), height =
+    padding + len(rows) * (H + padding), where label_width is 0 without labels and the
+    widest label plus ``padding`` with them.
+    """
+    if not rows:
+        raise ValueError("save_grid needs at least one row")
+    if row_labels is not None and len(row_labels) != len(rows):
+        raise ValueError(f"got {len(row_labels)} row labels for {len(rows)} rows")
+    height, width = rows[0].shape[-2:]
+    for row in rows:
+        if row.ndim != 4 or row.shape[-2:] != (height, width):
+            raise ValueError(
+                f"every row must be a batch (B, C, {height}, {width}); got shape {tuple(row.shape)}"
+            )
+
+    font = ImageFont.load_default()
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [scratch.textbbox((0, 0), label, font=font) for label in row_labels or ()]
+    label_width = max(right - left for left, _, right, _ in boxes) + padding if boxes else 0
+
+    columns = max(row.shape[0] for row in rows)
+    grid_size = (
+        padding + label_width + columns * (width + padding),
+        padding + len(rows) * (height + padding),
+    )
+    grid = Image.new("RGB", grid_size, _WHITE[:3])
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        top = padding + r * (height + padding)
+        if boxes:
+            left, upper, _, lower = boxes[r]
+            text_top = top + (height - (lower - upper)) // 2 - upper
+            draw.text((padding - left, text_top), row_labels[r], fill=(0, 0, 0), font=font)
+        for c, image in enumerate(row):
+            grid.paste(_to_pil(image), (padding + label_width + c * (width + padding), top))
+    _save_atomic(grid, Path(path))
+
+
+def _save_atomic(im: Image.Image, path: Path) -> None:
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise DataError(f"{path}: cannot save an image with extension {path.suffix!r} (use .png)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_then_rename(im, path, image_format)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write the image ({exc})") from exc
+
+
+def _write_then_rename(im: Image.Image, path: Path, image_format: str) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        im.save(tmp, format=image_format)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

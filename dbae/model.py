@@ -1,0 +1,159 @@
+"""The DBAE model: encoder, endpoint decoder and bridge score network (SPEC 1, 4-6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .bridge import VPBridge
+from .config import ModelConfig
+from .errors import DataError
+from .nn import Decoder, Encoder, ScoreUNet, count_parameters
+from .sampling import BridgeSampler, SampleResult, SamplerName, steps_for_nfe
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    loss: Tensor  # scalar, differentiable
+    logs: dict[str, Tensor]  # detached scalar terms for logging (no host sync)
+
+
+@dataclass(frozen=True)
+class ReconstructionResult:
+    images: Tensor  # decoded images, clamped to [-1, 1]
+    x_T: Tensor  # the endpoints Dec(z)
+    z: Tensor
+    nfe: int
+    steps: int
+
+
+def _per_sample(c: Tensor, like: Tensor) -> Tensor:
+    return c.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+class DBAE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        size, ch, zd = config.image_size, config.image_channels, config.z_dim
+        self.encoder = Encoder(config.encoder, size, ch, zd)
+        self.decoder = Decoder(config.decoder, size, ch, zd)
+        self.unet = ScoreUNet(config.unet, size, ch, zd)
+        self.bridge = VPBridge(config.bridge)
+        self.sampler = BridgeSampler(self.bridge)
+
+    # ----- pieces -----
+    def check_images(self, x: Tensor) -> None:
+        c, s = self.config.image_channels, self.config.image_size
+        if x.dim() != 4 or x.shape[1] != c or x.shape[2] != s or x.shape[3] != s:
+            raise DataError(
+                f"images must have shape (B, {c}, {s}, {s}) for this model, got {tuple(x.shape)}"
+            )
+
+    def encode(self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """z for images x in [-1, 1]. The mean of a stochastic encoder unless ``sample``."""
+        self.check_images(x)
+        mu, sig = self.encoder(x)
+        if sample and sig is not None:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            return mu + sig * eps
+        return mu
+
+    def endpoint(self, z: Tensor) -> Tensor:
+        """x_T = Dec(z)."""
+        return self.decoder(z)
+
+    def denoise(self, x_t: Tensor, t: Tensor | float, x_T: Tensor, z: Tensor) -> Tensor:
+        """Preconditioned denoiser D = c_skip x_t + c_out F(c_in x_t, c_noise, x_T, z)."""
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            t = torch.full((x_t.shape[0],), float(t), dtype=torch.float64, device=x_t.device)
+        pre = self.bridge.preconditioning(t.to(torch.float64))
+        c_in, c_skip, c_out = (_per_sample(c, x_t) for c in pre[:3])
+        c_noise = pre.c_noise.to(device=x_t.device, dtype=torch.float32)
+        F = self.unet(c_in * x_t, c_noise, x_T, z)
+        return c_skip * x_t + c_out * F.to(x_t.dtype)
+
+    # ----- training objective (SPEC 5) -----
+    def loss(self, x0: Tensor, *, generator: torch.Generator | None = None) -> LossOutput:
+        self.check_images(x0)
+        B = x0.shape[0]
+        z = self.encode(x0, sample=self.encoder.stochastic, generator=generator)
+        x_T = self.endpoint(z)
+        t = self.bridge.sample_t(B, generator=generator, device=x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.bridge.marginal_sample(x0, x_T, t, eps)
+        D = self.denoise(x_t, t, x_T, z)
+        weight = self.bridge.loss_weight(t.to(torch.float64)).to(device=x0.device, dtype=torch.float32)
+        per_sample = ((D.float() - x0.float()) ** 2).flatten(1).mean(1)
+        loss = (weight * per_sample).mean()
+        logs = {
+            "loss": loss.detach(),
+            "mse": per_sample.detach().mean(),
+            "z_std": z.detach().float().std(),
+            "x_T_std": x_T.detach().float().std(),
+        }
+        return LossOutput(loss, logs)
+
+    # ----- sampling (SPEC 6) -----
+    @torch.no_grad()
+    def decode(
+        self,
+        z: Tensor,
+        nfe: int = 10,
+        *,
+        sampler: SamplerName = "euler",
+        churn: float = 0.0,
+        x_T: Tensor | None = None,
+        clamp: bool = True,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> SampleResult:
+        """Images from latents with at most ``nfe`` U-Net evaluations (exact count returned).
+
+        ``x_T`` defaults to Dec(z); passing another endpoint conditions on z only
+        (the "condition-only" manipulation mode).
+        """
+        steps = steps_for_nfe(nfe, sampler, churn)
+        if x_T is None:
+            x_T = self.endpoint(z)
+
+        def denoise(x: Tensor, t: float) -> Tensor:
+            D = self.denoise(x, t, x_T, z)
+            return D.clamp(-1.0, 1.0) if clamp else D
+
+        result = self.sampler.sample(
+            denoise, x_T, steps=steps, sampler=sampler, churn=churn, generator=generator, progress=progress
+        )
+        images = result.images.clamp(-1.0, 1.0) if clamp else result.images
+        return SampleResult(images=images, nfe=result.nfe, steps=result.steps)
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        x: Tensor,
+        nfe: int = 10,
+        *,
+        sampler: SamplerName = "euler",
+        churn: float = 0.0,
+        sample_z: bool = False,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> ReconstructionResult:
+        """Encode in one pass, then decode: no inversion anywhere."""
+        z = self.encode(x, sample=sample_z, generator=generator)
+        x_T = self.endpoint(z)
+        out = self.decode(z, nfe, sampler=sampler, churn=churn, x_T=x_T, generator=generator, progress=progress)
+        return ReconstructionResult(out.images, x_T, z, out.nfe, out.steps)
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {
+            "unet": count_parameters(self.unet),
+            "encoder": count_parameters(self.encoder),
+            "decoder": count_parameters(self.decoder),
+        }
+        counts["total"] = sum(counts.values())
+        return counts

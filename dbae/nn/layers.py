@@ -1,0 +1,158 @@
+"""Building blocks shared by the score U-Net, the encoder and the decoder (ADM-style).
+
+Everything here is written for ``torch.compile`` and ONNX export: control flow depends
+only on module structure (never on tensor values) and no op writes into its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+Tensor = torch.Tensor
+
+
+def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of a float tensor ``c_noise`` of shape (B,) -> (B, dim), float32.
+
+    Row b is ``[cos(c_b f_0), ..., cos(c_b f_{h-1}), sin(c_b f_0), ..., sin(c_b f_{h-1})]``
+    with ``h = dim // 2`` and ``f_k = max_period^(-k / h)`` (as in ADM); an odd ``dim`` gets
+    a trailing zero column.
+    """
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float32, device=c_noise.device)
+    freqs = torch.exp(k * (-math.log(max_period) / half))
+    args = c_noise.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+    """GroupNorm with ``num_groups`` groups, or the largest common divisor with ``channels``
+    when ``num_groups`` does not divide it (so odd widths still build)."""
+    return nn.GroupNorm(math.gcd(num_groups, channels), channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of ``module`` in place and return it (ADM's zero-init)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def _resampler(up: bool, down: bool) -> nn.Module:
+    if up and down:
+        raise ValueError("a residual block cannot both upsample and downsample")
+    if up:
+        return nn.Upsample(scale_factor=2, mode="nearest")
+    if down:
+        return nn.AvgPool2d(kernel_size=2, stride=2)
+    return nn.Identity()
+
+
+class ResBlock(nn.Module):
+    """ADM residual block conditioned on an embedding (the score U-Net's block).
+
+    ``h = conv(resample(SiLU(norm(x))))``; ``h = norm(h) * (1 + scale) + shift`` with
+    ``(scale, shift) = Linear(SiLU(emb))`` (scale-shift norm); ``h = conv(dropout(SiLU(h)))``
+    with that last conv zero-initialised; output ``skip(resample(x)) + h``. ``up`` / ``down``
+    resample by 2 inside the block (nearest / average pooling), on both the residual branch
+    and the skip path (ADM ``resblock_updown``). A fresh block is thus the identity (or its
+    1x1 skip projection).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int,
+        emb_channels: int,
+        *,
+        dropout: float = 0.0,
+        num_groups: int = 32,
+        up: bool = False,
+        down: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_norm = group_norm(channels, num_groups)
+        self.resample = _resampler(up, down)
+        self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
+        self.out_norm = group_norm(out_channels, num_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_conv(self.resample(F.silu(self.in_norm(x))))
+        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.out_norm(h) * (1 + scale) + shift
+        h = self.out_conv(self.dropout(F.silu(h)))
+        return self.skip(self.resample(x)) + h
+
+
+class PlainResBlock(nn.Module):
+    """Unconditioned residual block of DiffAE's encoder (and hence the official DBAE one):
+    ``skip(resample(x)) + conv(resample(SiLU(norm(x))))``.
+
+    DiffAE's ResBlock drops its whole second norm/conv stage when it has no condition, so
+    this block has a single 3x3 conv (not zero-initialised); that is what puts the FFHQ128
+    encoder at about 24.7M parameters.
+    """
+
+    def __init__(
+        self, channels: int, out_channels: int, *, num_groups: int = 32, down: bool = False
+    ) -> None:
+        super().__init__()
+        self.norm = group_norm(channels, num_groups)
+        self.resample = _resampler(False, down)
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.skip(self.resample(x)) + self.conv(self.resample(F.silu(self.norm(x))))
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the spatial positions, ``num_head_channels`` per head.
+
+    Pre-norm, 1x1 qkv projection, ``scaled_dot_product_attention``, zero-initialised 1x1
+    output projection, residual connection.
+    """
+
+    def __init__(self, channels: int, num_head_channels: int, num_groups: int = 32) -> None:
+        super().__init__()
+        if num_head_channels < 1 or channels % num_head_channels:
+            raise ConfigError(
+                f"attention width {channels} is not a multiple of num_head_channels={num_head_channels}"
+            )
+        self.num_heads = channels // num_head_channels
+        self.head_channels = num_head_channels
+        self.norm = group_norm(channels, num_groups)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x).reshape(b, c, h * w))
+        # (B, 3 * C, L) -> (B, 3, heads, L, head_channels)
+        qkv = qkv.reshape(b, 3, self.num_heads, self.head_channels, h * w).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, head_channels)
+        out = out.transpose(-1, -2).reshape(b, c, h * w)
+        return x + self.proj(out).reshape(b, c, h, w)
+
+
+class EmbedSequential(nn.Sequential):
+    """A sequence of layers where the ResBlocks also receive the conditioning embedding."""
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x

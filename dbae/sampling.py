@@ -1,0 +1,144 @@
+"""Bridge samplers of SPEC section 6: Euler, Heun and stochastic churn on the Karras grid.
+
+The per-step scalars (k_x, k_D, k_T, g) are computed once on the host in float64; the
+per-element work of a step is the linear combination ``k_x x + k_D D + k_T x_T``
+(:func:`drift`), which fused kernels replace without changing the algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from . import _ext
+from .bridge import BridgeConfig, VPBridge, float64_scalar, karras_grid
+
+Tensor = torch.Tensor
+#: ``denoise(x, t) -> D``: x (B, C, H, W), t a python float (the same for the whole batch)
+DenoiseFn = Callable[[Tensor, float], Tensor]
+SamplerName = Literal["euler", "heun"]
+SAMPLERS = ("euler", "heun")
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """Host-side float64 scalars of one drift evaluation."""
+
+    k_x: float
+    k_D: float
+    k_T: float
+    g: float
+
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    images: Tensor
+    nfe: int
+    steps: int
+
+
+def nfe_for(steps: int, sampler: str, churn: float) -> int:
+    """Exact number of network evaluations of a run (SPEC 11)."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    base = steps if sampler == "euler" else 2 * (steps - 1) + 1
+    return base + (steps if churn > 0 else 0)
+
+
+def steps_for_nfe(nfe: int, sampler: str, churn: float) -> int:
+    """Largest number of grid steps whose NFE does not exceed ``nfe``."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if nfe < nfe_for(1, sampler, churn):
+        raise ValueError(f"nfe={nfe} is too small for sampler {sampler!r} (churn={churn}): "
+                         f"need at least {nfe_for(1, sampler, churn)}")
+    steps = 1
+    while nfe_for(steps + 1, sampler, churn) <= nfe:
+        steps += 1
+    return steps
+
+
+def drift(x: Tensor, D: Tensor, x_T: Tensor, k: StepScalars) -> Tensor:
+    """Reference per-element drift ``k_x x + k_D D + k_T x_T``."""
+    return k.k_x * x + k.k_D * D + k.k_T * x_T
+
+
+class BridgeSampler:
+    """Integrates the bridge from x_T (t_0 = T - 1e-4) down to t = 0."""
+
+    def __init__(self, bridge: VPBridge | None = None) -> None:
+        self.bridge = bridge or VPBridge()
+
+    @property
+    def config(self) -> BridgeConfig:
+        return self.bridge.config
+
+    def scalars(self, ts: list[float], mode: str) -> list[StepScalars]:
+        """Drift scalars at each t, from the C++ extension when built, else the reference."""
+        c = self.config
+        if _ext.C is not None:
+            rows = _ext.C.drift_coefficients(
+                ts, 0 if mode == "ode" else 1, 1.0, c.beta_d, c.beta_min, c.T, c.t_min, c.start_offset, c.rho
+            )
+            return [StepScalars(*row) for row in rows]
+        coeffs = self.bridge.drift_coefficients(torch.tensor(ts, dtype=torch.float64), mode)
+        return [StepScalars(*(float64_scalar(v[i]) for v in coeffs)) for i in range(len(ts))]
+
+    def sample(
+        self,
+        denoise: DenoiseFn,
+        x_T: Tensor,
+        *,
+        steps: int,
+        sampler: SamplerName = "euler",
+        churn: float = 0.0,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> SampleResult:
+        """Run ``steps`` grid steps; ``denoise`` must already clamp its output if wanted."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not (0.0 <= churn < 1.0):
+            raise ValueError(f"churn must lie in [0, 1), got {churn}")
+        ts = karras_grid(steps, self.config)
+        # Host-side float64 scalars of every evaluation, computed once up front.
+        t_hats = [t + churn * (tn - t) for t, tn in zip(ts[:-1], ts[1:])] if churn > 0.0 else ts[:-1]
+        sde = self.scalars(ts[:-1], "sde") if churn > 0.0 else None
+        ode = self.scalars(t_hats, "ode")
+        ode_next = self.scalars(ts[1:-1], "ode") if sampler == "heun" else None
+        nfe = 0
+
+        def evaluate(x: Tensor, t: float) -> Tensor:
+            nonlocal nfe
+            nfe += 1
+            return denoise(x, t)
+
+        x = x_T
+        iterator = range(steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc=f"{sampler} x{steps}", leave=False)
+        for i in iterator:
+            t_cur, t_next = ts[i], ts[i + 1]
+            if sde is not None:
+                # SDE Euler-Maruyama from t_cur to t_hat, then the ODE step from t_hat.
+                k = sde[i]
+                dt = t_hats[i] - t_cur
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + dt * drift(x, evaluate(x, t_cur), x_T, k) + (math.sqrt(abs(dt)) * k.g) * noise
+                t_cur = t_hats[i]
+            dt = t_next - t_cur
+            d = drift(x, evaluate(x, t_cur), x_T, ode[i])
+            x_next = x + dt * d
+            if ode_next is not None and t_next > 0.0:
+                d2 = drift(x_next, evaluate(x_next, t_next), x_T, ode_next[i])
+                x_next = x + dt * 0.5 * (d + d2)
+            x = x_next
+        expected = nfe_for(steps, sampler, churn)
+        assert nfe == expected, f"NFE accounting broken: counted {nfe}, expected {expected}"
+        return SampleResult(images=x, nfe=nfe, steps=steps)

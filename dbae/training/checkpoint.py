@@ -1,0 +1,204 @@
+"""Checkpoints: safetensors tensors plus JSON metadata, never pickle, written atomically.
+
+One file per checkpoint, ``<run>/checkpoints/step-00001000.safetensors``, holding
+
+- tensors ``model.*`` (raw weights), ``ema.*`` (EMA weights) and ``optim.<i>.<key>``
+  (optimizer state),
+- metadata (strings): ``format``, ``preset`` (the full typed config as JSON), ``step``,
+  ``optim`` (the optimizer's non-tensor state as JSON), ``scaler`` (AMP loss-scaler state).
+
+A file is first written to a temporary name in the same directory, flushed to disk and
+then renamed over the final name, so a crash can never leave a half-written checkpoint
+under a checkpoint's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from ..config import Preset, dumps, preset_from_dict
+from ..errors import CheckpointError, ConfigError
+
+FORMAT = "dbae-checkpoint/1"
+_NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    preset: Preset
+    step: int
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optim: dict[str, Any] | None
+    scaler: dict[str, Any] | None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.safetensors"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then atomically move the result to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    atomic_write(path, write)
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    preset: Preset,
+    step: int,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    optim: dict[str, Any] | None = None,
+    scaler: dict[str, Any] | None = None,
+) -> Path:
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    metadata = {"format": FORMAT, "preset": dumps(preset), "step": str(step)}
+    if optim is not None:
+        optim_tensors, optim_meta = _flatten_optimizer(optim)
+        tensors.update(optim_tensors)
+        metadata["optim"] = json.dumps(optim_meta)
+    if scaler:
+        metadata["scaler"] = json.dumps(scaler)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return Path(path)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dbae checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+    return meta
+
+
+def load_checkpoint(path: Path, *, with_optimizer: bool = True) -> Checkpoint:
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
+    try:
+        preset = preset_from_dict(json.loads(meta["preset"]))
+        step = int(meta["step"])
+    except (KeyError, ValueError, ConfigError) as exc:
+        raise CheckpointError(f"{path} has unreadable metadata ({exc})") from None
+    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
+    for name, value in tensors.items():
+        head, _, rest = name.partition(".")
+        if head not in groups:
+            raise CheckpointError(f"{path} holds an unexpected tensor {name!r}")
+        groups[head][rest if head != "optim" else name] = value
+    optim = None
+    if with_optimizer and "optim" in meta:
+        optim = _unflatten_optimizer(groups["optim"], json.loads(meta["optim"]))
+    scaler = json.loads(meta["scaler"]) if "scaler" in meta else None
+    return Checkpoint(path, preset, step, groups["model"], groups["ema"], optim, scaler)
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint-named file in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_valid_checkpoint(directory: Path, warn=print) -> Path | None:
+    """The newest checkpoint whose header reads back; unreadable ones are skipped with a warning."""
+    for step, path in reversed(list_checkpoints(directory)):
+        try:
+            read_metadata(path)
+            load_file(str(path))
+        except (CheckpointError, SafetensorError, OSError, ValueError) as exc:
+            warn(f"warning: skipping unreadable checkpoint {path}: {exc}")
+            continue
+        return path
+    return None
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, source: Path) -> None:
+    """``load_state_dict`` with one clear message for every kind of mismatch."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise CheckpointError(
+            f"the {what} weights in {source} do not fit this model's configuration: " + "; ".join(parts)
+        )
+    module.load_state_dict(state)

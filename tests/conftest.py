@@ -1,0 +1,22 @@
+"""Shared fixtures: one tiny model trained once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dbae.config import get_preset
+from dbae.training import TrainOptions, Trainer, override
+
+#: steps of the shared tiny run (tiny16 preset, seeded)
+TINY_STEPS = 300
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory) -> Path:
+    """Run directory of a tiny16 model trained for TINY_STEPS steps on built-in shapes."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    preset = override(get_preset("tiny16"), steps=TINY_STEPS, sample_every=10_000, ckpt_every=TINY_STEPS)
+    Trainer(preset, TrainOptions(out=out, progress=False, eval_images=32, log=lambda m: None)).fit()
+    return out

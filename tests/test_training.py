@@ -1,0 +1,150 @@
+"""Training: real learning, exact resume, checkpoints and failure modes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from dbae.config import get_preset
+from dbae.errors import CheckpointError, ConfigError, TrainingDiverged
+from dbae.inference import load_model
+from dbae.model import DBAE
+from dbae.training import TrainOptions, Trainer, load_checkpoint, override
+from dbae.training.checkpoint import latest_valid_checkpoint, list_checkpoints, load_state_strict, save_checkpoint
+from dbae.training.metrics_log import read_metrics
+
+
+def quiet(out: Path, **kw) -> TrainOptions:
+    return TrainOptions(out=out, progress=False, eval_images=8, log=lambda msg: None, **kw)
+
+
+def small(steps: int, **kw) -> "object":
+    """tiny16 with a small batch: a few steps take well under a second each."""
+    fields = dict(steps=steps, batch_size=8, log_every=1, sample_every=1000, ckpt_every=1000)
+    fields.update(kw)
+    return override(get_preset("tiny16"), **fields)
+
+
+def all_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_to_reconstruct(trained_tiny):
+    """A few hundred steps make reconstructions of held-out shapes at least 3x better."""
+    before = json.loads((trained_tiny / "eval_untrained.json").read_text())
+    after = json.loads((trained_tiny / "eval.json").read_text())
+    assert after["mse"] * 3 <= before["mse"], (before, after)
+    assert after["psnr"] > before["psnr"] + 4.0
+    records = read_metrics(trained_tiny / "metrics.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert (trained_tiny / "samples" / "final.png").stat().st_size > 0
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full = Trainer(small(6, ckpt_every=3), quiet(tmp_path / "full")).fit()
+    part = Trainer(small(3, ckpt_every=3), quiet(tmp_path / "split")).fit()
+    assert part.step == 3
+    resumed = Trainer(small(6, ckpt_every=3), quiet(tmp_path / "split", resume=True)).fit()
+    assert resumed.step == 6
+    a, b = all_tensors(full.checkpoint), all_tensors(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    assert any(k.startswith("optim.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The metrics log holds each step once, as in the uninterrupted run.
+    steps = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_changes_training_when_seed_differs(tmp_path):
+    """Guards the test above: a different seed must give different weights."""
+    a = Trainer(small(2), quiet(tmp_path / "a")).fit()
+    b = Trainer(small(2, seed=1), quiet(tmp_path / "b")).fit()
+    wa, wb = all_tensors(a.checkpoint), all_tensors(b.checkpoint)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa if k.startswith("model."))
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    Trainer(small(1), quiet(tmp_path / "run")).fit()
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(small(1), quiet(tmp_path / "run")).fit()
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path):
+    Trainer(small(1), quiet(tmp_path / "run")).fit()
+    other = replace(small(2), model=replace(small(2).model, z_dim=8))
+    with pytest.raises(ConfigError, match="another model configuration"):
+        Trainer(other, quiet(tmp_path / "run", resume=True)).fit()
+
+
+def test_checkpoint_of_another_config_gives_one_clear_error(tmp_path):
+    run = Trainer(small(1), quiet(tmp_path / "run")).fit()
+    ckpt = load_checkpoint(run.checkpoint)
+    other = DBAE(replace(get_preset("tiny16").model, z_dim=8))
+    with pytest.raises(CheckpointError, match="do not fit this model") as info:
+        load_state_strict(other, ckpt.ema, "EMA", run.checkpoint)
+    assert str(run.checkpoint) in str(info.value)
+
+
+def test_checkpoint_is_safetensors_and_round_trips(tmp_path):
+    run = Trainer(small(2), quiet(tmp_path / "run")).fit()
+    raw = run.checkpoint.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    assert header["__metadata__"]["format"] == "dbae-checkpoint/1"
+    ckpt = load_checkpoint(run.checkpoint)
+    assert ckpt.step == 2 and ckpt.preset == small(2)
+    loaded = load_model(run.checkpoint)
+    ema = {k: v for k, v in ckpt.ema.items()}
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, ema[k])
+    # The config is also written next to the checkpoints as JSON.
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["name"] == "tiny16"
+
+
+def test_truncated_checkpoint_is_detected_and_skipped(tmp_path):
+    run = Trainer(small(2, ckpt_every=1), quiet(tmp_path / "run")).fit()
+    newest = run.checkpoint
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+        load_checkpoint(newest)
+    warnings = []
+    found = latest_valid_checkpoint(newest.parent, warn=warnings.append)
+    assert found is not None and found.name == "step-00000001.safetensors"
+    assert warnings and newest.name in warnings[0]
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path):
+    preset = small(50, ckpt_every=1, lr=1e12)
+    with pytest.raises(TrainingDiverged, match=r"at step \d+") as info:
+        Trainer(preset, quiet(tmp_path / "run")).fit()
+    bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
+    saved = [step for step, _ in list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert saved and max(saved) == bad_step - 1
+    load_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{bad_step - 1:08d}.safetensors")
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A failure while writing never leaves a file under a checkpoint's name."""
+    import dbae.training.checkpoint as ck
+
+    def failing_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", failing_save)
+    target = tmp_path / "c" / "step-00000001.safetensors"
+    with pytest.raises(OSError):
+        save_checkpoint(target, preset=small(1), step=1, model={"w": torch.zeros(2)}, ema={"w": torch.zeros(2)})
+    assert not target.exists()
+    assert list((tmp_path / "c").iterdir()) == []
