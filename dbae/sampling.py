@@ -43,6 +43,8 @@ class SampleResult:
 
 def nfe_for(steps: int, sampler: str, churn: float) -> int:
     """Exact number of network evaluations of a run (SPEC 11)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if steps < 1:
         raise ValueError("steps must be >= 1")
     base = steps if sampler == "euler" else 2 * (steps - 1) + 1
@@ -51,8 +53,6 @@ def nfe_for(steps: int, sampler: str, churn: float) -> int:
 
 def steps_for_nfe(nfe: int, sampler: str, churn: float) -> int:
     """Largest number of grid steps whose NFE does not exceed ``nfe``."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if nfe < nfe_for(1, sampler, churn):
         raise ValueError(f"nfe={nfe} is too small for sampler {sampler!r} (churn={churn}): "
                          f"need at least {nfe_for(1, sampler, churn)}")
@@ -79,6 +79,8 @@ class BridgeSampler:
 
     def scalars(self, ts: list[float], mode: str) -> list[StepScalars]:
         """Drift scalars at each t, from the C++ extension when built, else the reference."""
+        if mode not in ("ode", "sde"):
+            raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}")
         c = self.config
         if _ext.C is not None:
             rows = _ext.C.drift_coefficients(
@@ -140,5 +142,6 @@ class BridgeSampler:
                 x_next = x + dt * 0.5 * (d + d2)
             x = x_next
         expected = nfe_for(steps, sampler, churn)
-        assert nfe == expected, f"NFE accounting broken: counted {nfe}, expected {expected}"
+        if nfe != expected:
+            raise RuntimeError(f"NFE accounting broken: counted {nfe}, expected {expected}")
         return SampleResult(images=x, nfe=nfe, steps=steps)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..config import PRESETS, get_preset
@@ -45,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
         TrainOptions(out=out, resume=args.resume, compile=args.compile, device=args.device,
                      progress=not args.no_progress),
     )
+    if result.stopped:
+        print(f"stopped by SIGTERM at step {result.step}; checkpoint {result.checkpoint}. "
+              f"Continue with the same command plus --resume")
+        return 128 + 15
     before = result.eval_untrained
     print(f"trained {preset.name} to step {result.step}: checkpoint {result.checkpoint}")
     if before is not None:

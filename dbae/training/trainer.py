@@ -60,8 +60,9 @@ class TrainResult:
     out: Path
     step: int
     checkpoint: Path
-    eval: dict[str, float]
+    eval: dict[str, float] | None  # None when the run was stopped early by SIGTERM
     eval_untrained: dict[str, float] | None
+    stopped: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -265,7 +266,6 @@ class Trainer:
                         last_ckpt = self.save()
                     if stop.requested:
                         last_ckpt = self.save()
-                        log(f"stopped by SIGTERM at step {self.step}; checkpoint written to {last_ckpt}")
                         break
         except KeyboardInterrupt:
             last_ckpt = self.save()
@@ -275,6 +275,8 @@ class Trainer:
             if progress is not None:
                 progress.close()
             metrics.close()
+        if stop.requested and self.step < cfg.steps:
+            return TrainResult(self.out, self.step, last_ckpt, None, eval_untrained, stopped=True)
         if last_ckpt is None:  # nothing left to train: the run was already complete
             last_ckpt = self.ckpt_dir / checkpoint_name(self.step)
             if not last_ckpt.exists():
