@@ -150,8 +150,10 @@ def test_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list((tmp_path / "c").iterdir()) == []
 
 
-def test_sigterm_mid_run_checkpoints_and_resume_matches_uninterrupted(tmp_path):
-    """A real interruption: SIGTERM a running `dbae train`, then --resume it to the end."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_mid_run_checkpoints_and_resume_matches_uninterrupted(tmp_path, signame):
+    """A real interruption: SIGTERM (pre-emption) or Ctrl-C a running `dbae train`,
+    then --resume it to the end: the weights equal an uninterrupted run's."""
     import os
     import signal
     import subprocess
@@ -168,9 +170,10 @@ def test_sigterm_mid_run_checkpoints_and_resume_matches_uninterrupted(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    sig = getattr(signal, signame)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert proc.returncode == 128 + sig, err.decode()
     assert b"--resume" in out + err
     saved = list_checkpoints(split / "checkpoints")
     assert len(saved) == 1 and 0 < saved[0][0] < 300, saved

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from ..config import PRESETS, get_preset
@@ -44,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
         TrainOptions(out=out, resume=args.resume, compile=args.compile, device=args.device,
                      progress=not args.no_progress),
     )
-    if result.stopped:
-        print(f"stopped by SIGTERM at step {result.step}; checkpoint {result.checkpoint}. "
+    if result.stopped_by is not None:
+        name = signal.Signals(result.stopped_by).name
+        print(f"stopped by {name} at step {result.step}; checkpoint {result.checkpoint}. "
               f"Continue with the same command plus --resume")
-        return 128 + 15
+        return 128 + result.stopped_by
     before = result.eval_untrained
     print(f"trained {preset.name} to step {result.step}: checkpoint {result.checkpoint}")
     if before is not None:

@@ -60,9 +60,10 @@ class TrainResult:
     out: Path
     step: int
     checkpoint: Path
-    eval: dict[str, float] | None  # None when the run was stopped early by SIGTERM
+    eval: dict[str, float] | None  # None when the run was stopped early by a signal
     eval_untrained: dict[str, float] | None
-    stopped: bool = False
+    #: the signal (SIGTERM or SIGINT) that stopped the run before its last step, if any
+    stopped_by: int | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,25 +84,38 @@ def _check_same_model(stored: Preset, wanted: Preset, path: Path) -> None:
 
 
 class _StopRequest:
-    """Turns SIGTERM into a graceful stop at the end of the current step."""
+    """Turns SIGTERM and a first Ctrl-C into a graceful stop at the end of the current step.
+
+    The step in flight completes, a checkpoint is written, and the run can be resumed
+    exactly. A second Ctrl-C interrupts at once (the last periodic checkpoint remains).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signal: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     @contextmanager
     def installed(self) -> Iterator[None]:
         try:
-            previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread
+            previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        except ValueError:  # not in the main thread: leave signal handling alone
             yield
             return
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
 
 
 class Trainer:
@@ -218,7 +232,6 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.preset.train
         self.prepare_run_dir()
-        log = self.options.log
         samples = self.out / "samples"
         eval_untrained = None
         if self.step == 0:
@@ -267,16 +280,12 @@ class Trainer:
                     if stop.requested:
                         last_ckpt = self.save()
                         break
-        except KeyboardInterrupt:
-            last_ckpt = self.save()
-            log(f"\ninterrupted at step {self.step}; checkpoint written to {last_ckpt}. Continue with --resume")
-            raise
         finally:
             if progress is not None:
                 progress.close()
             metrics.close()
         if stop.requested and self.step < cfg.steps:
-            return TrainResult(self.out, self.step, last_ckpt, None, eval_untrained, stopped=True)
+            return TrainResult(self.out, self.step, last_ckpt, None, eval_untrained, stopped_by=stop.signal)
         if last_ckpt is None:  # nothing left to train: the run was already complete
             last_ckpt = self.ckpt_dir / checkpoint_name(self.step)
             if not last_ckpt.exists():
