@@ -13,7 +13,7 @@ HELP = "train a DBAE model"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="shapes32", choices=sorted(PRESETS), help="model + training preset")
+    p.add_argument("--preset", default="shapes16", choices=sorted(PRESETS), help="model + training preset")
     p.add_argument("--out", type=Path, help="run directory (default runs/<preset>)")
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--batch-size", type=int)
