@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,21 @@ class ReconstructionResult:
     z: Tensor
     nfe: int
     steps: int
+
+
+def fused_training(device: torch.device) -> bool:
+    """Whether :meth:`DBAE.loss` runs the fused Triton ops on ``device``.
+
+    ``DBAE_KERNELS=auto`` (default): on CUDA when Triton is installed; never on the CPU
+    (the Triton interpreter is far too slow to train with). ``triton``: always, raising
+    where Triton cannot run. ``reference`` (or the C++-only ``cpu``/``cuda``): never.
+    """
+    selected = os.environ.get("DBAE_KERNELS", "auto").strip().lower() or "auto"
+    if selected not in ("auto", "triton") or (selected == "auto" and device.type != "cuda"):
+        return False
+    from .kernels.backend import use_triton
+
+    return use_triton(device)
 
 
 def _per_sample(c: Tensor, like: Tensor) -> Tensor:
@@ -78,17 +94,29 @@ class DBAE(nn.Module):
         return c_skip * x_t + c_out * F.to(x_t.dtype)
 
     # ----- training objective (SPEC 5) -----
-    def loss(self, x0: Tensor, *, generator: torch.Generator | None = None) -> LossOutput:
+    def loss(
+        self, x0: Tensor, *, generator: torch.Generator | None = None, noise_seed: int | None = None
+    ) -> LossOutput:
+        """The DBAE loss of a batch (SPEC 5), with logged terms.
+
+        z noise and t are drawn from ``generator``. The bridge noise eps comes from
+        ``generator`` on the reference path; the fused Triton path (CUDA, see
+        :func:`fused_training`) makes it in-kernel from ``noise_seed`` (drawn from
+        ``generator`` when not given) and never stores it.
+        """
         self.check_images(x0)
         B = x0.shape[0]
         z = self.encode(x0, sample=self.encoder.stochastic, generator=generator)
         x_T = self.endpoint(z)
         t = self.bridge.sample_t(B, generator=generator, device=x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = self.bridge.marginal_sample(x0, x_T, t, eps)
-        D = self.denoise(x_t, t, x_T, z)
-        weight = self.bridge.loss_weight(t.to(torch.float64)).to(device=x0.device, dtype=torch.float32)
-        per_sample = ((D.float() - x0.float()) ** 2).flatten(1).mean(1)
+        if fused_training(x0.device):
+            per_sample, weight = self._fused_loss_terms(x0, x_T, z, t, generator, noise_seed)
+        else:
+            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = self.bridge.marginal_sample(x0, x_T, t, eps)
+            D = self.denoise(x_t, t, x_T, z)
+            weight = self.bridge.loss_weight(t.to(torch.float64)).to(device=x0.device, dtype=torch.float32)
+            per_sample = ((D.float() - x0.float()) ** 2).flatten(1).mean(1)
         loss = (weight * per_sample).mean()
         logs = {
             "loss": loss.detach(),
@@ -97,6 +125,21 @@ class DBAE(nn.Module):
             "x_T_std": x_T.detach().float().std(),
         }
         return LossOutput(loss, logs)
+
+    def _fused_loss_terms(
+        self, x0: Tensor, x_T: Tensor, z: Tensor, t: Tensor, generator: torch.Generator | None, seed: int | None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample MSE and loss weight through the fused Triton ops (same math)."""
+        from .kernels import bridge_input, bridge_loss, bridge_table
+        from .kernels.table import WEIGHT
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x0.device))
+        table = bridge_table(self.bridge, t)
+        _, x_in = bridge_input(x0, x_T, table, seed)
+        c_noise = self.bridge.preconditioning(t.to(torch.float64)).c_noise.to(torch.float32)
+        F = self.unet(x_in, c_noise, x_T, z)
+        return bridge_loss(F, x0, x_T, table, seed).mse, table[:, WEIGHT]
 
     # ----- sampling (SPEC 6) -----
     @torch.no_grad()

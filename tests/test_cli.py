@@ -22,7 +22,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_info_prints_ffhq128_parameter_counts_near_the_paper(capsys):
-    code, out, _ = run(capsys, "info", "--preset", "ffhq128")
+    code, out, _ = run(capsys, "info", "--preset", "ffhq128", "--no-config")
     assert code == 0
     counts = {m.group(1): int(m.group(2).replace(",", "")) for m in re.finditer(r"(\w+)\s+[\d.]+M\s+\(([\d,]+)\)", out)}
     assert set(counts) == {"unet", "encoder", "decoder", "total"}
@@ -31,7 +31,7 @@ def test_info_prints_ffhq128_parameter_counts_near_the_paper(capsys):
 
 
 def test_info_on_a_checkpoint(capsys, trained_tiny):
-    code, out, _ = run(capsys, "info", "--ckpt", str(trained_tiny), "--config")
+    code, out, _ = run(capsys, "info", "--ckpt", str(trained_tiny))
     assert code == 0
     assert "preset tiny16" in out and "step 300" in out
     assert '"z_dim": 16' in out

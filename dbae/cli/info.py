@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="checkpoint file or run directory")
     src.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("--config", action="store_true", help="also print the full configuration as JSON")
+    p.add_argument("--no-config", action="store_true", help="only the summary and parameter counts")
 
 
 def _millions(n: int) -> str:
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     print("  parameters:")
     for part in ("unet", "encoder", "decoder", "total"):
         print(f"    {part:<8} {_millions(counts[part])}  ({counts[part]:,})")
-    if args.config:
+    if not args.no_config:
+        print("configuration:")
         print(dumps(preset))
     return 0

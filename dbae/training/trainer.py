@@ -199,7 +199,7 @@ class Trainer:
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
         with autocast:
-            out = self.model.loss(x0, generator=generator)
+            out = self.model.loss(x0, generator=generator, noise_seed=step_seed(cfg.seed, self.step, stream=2))
         loss = out.loss
         if not torch.isfinite(loss):
             raise TrainingDiverged(

@@ -1,0 +1,199 @@
+"""Benchmark of the fused training ops of dbae.kernels (not a test).
+
+On CUDA, for each op, size and dtype: the fused op's time and achieved bandwidth (the
+bytes it must move: each input read once, each output written once) as a fraction of the
+device-to-device copy bandwidth measured in the same run, and its speedup over the eager
+PyTorch composite of dbae.model.DBAE.loss and over torch.compile of that composite.
+
+    python benchmarks/bench_triton_train.py [--dtypes float32 bfloat16] [--json out.json]
+    python benchmarks/bench_triton_train.py --smoke   # no CUDA: tiny run on the Triton interpreter
+
+Ops and what each side computes (N values per image tensor, e bytes per value):
+
+    input_fwd   (x0, x_T) -> (x_t, x_in)                       4 N e
+    input_bwd   grad x_in -> grad x_T (x_t unused, x0 data)     2 N e
+    loss_fwd    (F, x0, x_T) -> loss; the composite reads x_t   3 N e
+    loss_bwd    -> grads of F and x_T (the composite: F, x_t)   5 N e
+
+The composite materialises eps with torch.randn and keeps x_t for the loss, as
+DBAE.loss does; the fused ops make eps in-kernel and regenerate x_t from the seed.
+Times are medians of triton.testing.do_bench, which clears the L2 cache before each run.
+The compiled composite uses inductor (aot_eager in the smoke run, whose times mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SIZES = [(1, 64), (16, 64), (128, 64), (1, 128), (16, 128), (128, 128)]  # (batch, image side)
+CHANNELS = 3
+SMOKE_SIZES = [(2, 8), (3, 7)]
+COPY_BYTES = 1 << 30  # 1 GiB copied for the reference bandwidth
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----- the eager composite that the fused ops replace (dbae.model.DBAE.loss) -----
+# Its per-sample coefficients come precomputed as (B, 1, 1, 1) tensors of the images' dtype.
+def composite_input(x0: torch.Tensor, x_T: torch.Tensor, a, b, sqrt_v, c_in) -> tuple[torch.Tensor, torch.Tensor]:
+    x_t = a * x_T + b * x0 + sqrt_v * torch.randn_like(x0)
+    return x_t, c_in * x_t
+
+
+def composite_loss(F: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, c_skip, c_out, weight) -> torch.Tensor:
+    per_sample = ((c_skip * x_t + c_out * F).float() - x0.float()).square().flatten(1).mean(1)
+    return (weight * per_sample).mean()
+
+
+# ----- timing -----
+def _timer(smoke: bool) -> Callable[[Callable[[], object]], float]:
+    """Milliseconds per call of fn."""
+    if smoke:
+
+        def wall(fn):
+            fn()
+            start = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - start)
+
+        return wall
+    from triton.testing import do_bench
+
+    return lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bandwidth(bench) -> float:
+    """Device-to-device copy bandwidth in GB/s (read + write of a 1 GiB tensor)."""
+    src = torch.empty(COPY_BYTES // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
+
+
+def bench_size(batch: int, side: int, dtype: torch.dtype, device: str, bench, compiler: str) -> list[dict]:
+    """One row per op: times of the fused op, the eager composite and the compiled composite."""
+    from dbae.bridge import VPBridge
+    from dbae.kernels import bridge_input, bridge_loss, bridge_table
+    from dbae.kernels import table as col
+
+    shape = (batch, CHANNELS, side, side)
+    n_bytes = torch.finfo(dtype).bits // 8 * batch * CHANNELS * side * side
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.rand(shape, generator=g, device=device).mul(2).sub(1).to(dtype)
+    x_T = torch.randn(shape, generator=g, device=device).to(dtype).requires_grad_()
+    F = torch.randn(shape, generator=g, device=device).to(dtype).requires_grad_()
+    grad_x_in = torch.randn(shape, generator=g, device=device).to(dtype)
+    table = bridge_table(VPBridge(), VPBridge().sample_t(batch, device=device))
+    seed = 17
+    column = {i: table[:, i].to(dtype).view(-1, 1, 1, 1) for i in range(col.NUM_COLUMNS)}
+    input_coefficients = [column[i] for i in (col.A, col.B, col.SQRT_V, col.C_IN)]
+    loss_coefficients = (column[col.C_SKIP], column[col.C_OUT], table[:, col.WEIGHT])
+    torch._dynamo.reset()  # compile the composite afresh for this shape and dtype (static shapes)
+    compiled_input = torch.compile(composite_input, backend=compiler)
+    compiled_loss = torch.compile(composite_loss, backend=compiler)
+
+    def input_side(kind):
+        if kind == "fused":
+            return lambda: bridge_input(x0, x_T, table, seed)
+        fn = composite_input if kind == "eager" else compiled_input
+        return lambda: fn(x0, x_T, *input_coefficients)
+
+    def loss_side(kind, x_t):
+        if kind == "fused":
+            return lambda: bridge_loss(F, x0, x_T, table, seed).loss
+        fn = composite_loss if kind == "eager" else compiled_loss
+        return lambda: fn(F, x0, x_t, *loss_coefficients)
+
+    times: dict[str, dict[str, float]] = {}
+    for kind in ("fused", "eager", "compiled"):
+        fwd = input_side(kind)
+        x_t, x_in = fwd()
+        # the composite's loss reads the materialised x_t (a leaf, to time its backward alone)
+        x_t_leaf = x_t.detach().requires_grad_()
+        loss_fwd = loss_side(kind, x_t_leaf)
+        loss = loss_fwd()
+        loss_inputs = (F, x_T) if kind == "fused" else (F, x_t_leaf)
+        times[kind] = {
+            "input_fwd": bench(fwd),
+            "input_bwd": bench(lambda: torch.autograd.grad(x_in, x_T, grad_x_in, retain_graph=True)),
+            "loss_fwd": bench(loss_fwd),
+            "loss_bwd": bench(lambda: torch.autograd.grad(loss, loss_inputs, retain_graph=True)),
+        }
+    moved = {"input_fwd": 4 * n_bytes, "input_bwd": 2 * n_bytes, "loss_fwd": 3 * n_bytes, "loss_bwd": 5 * n_bytes}
+    rows = []
+    for op, bytes_moved in moved.items():
+        fused = times["fused"][op]
+        rows.append({
+            "op": op, "batch": batch, "side": side, "dtype": str(dtype).removeprefix("torch."),
+            "bytes": bytes_moved, "fused_ms": fused, "eager_ms": times["eager"][op],
+            "compiled_ms": times["compiled"][op], "fused_GBps": bytes_moved / (fused * 1e-3) / 1e9,
+        })  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[dict], copy_gbps: float | None) -> None:
+    columns = ("op", "B", "HxW", "dtype", "fused ms", "GB/s", "% copy", "eager ms", "x eager", "compiled ms", "x compiled")
+    widths = (10, 4, 8, 9, 9, 7, 7, 9, 8, 12, 10)
+    line = lambda cells: " ".join(f"{c:{'<' if i == 0 else '>'}{w}}" for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    print(line(columns))
+    for r in rows:
+        cells = (
+            r["op"], r["batch"], f"{r['side']}x{r['side']}", r["dtype"], f"{r['fused_ms']:.4f}",
+            f"{r['fused_GBps']:.1f}", f"{100 * r['fused_GBps'] / copy_gbps:.1f}%" if copy_gbps else "-",
+            f"{r['eager_ms']:.4f}", f"{r['eager_ms'] / r['fused_ms']:.2f}x",
+            f"{r['compiled_ms']:.4f}", f"{r['compiled_ms'] / r['fused_ms']:.2f}x",
+        )  # fmt: skip
+        print(line(cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
+    parser.add_argument("--json", type=Path, default=Path("bench_triton_train.json"), help="where to write the results")
+    parser.add_argument("--smoke", action="store_true", help="without CUDA: a tiny run on the Triton interpreter")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("No CUDA device: nothing to benchmark (use --smoke for a tiny run on the Triton interpreter).")
+        return 0
+    if not cuda:
+        os.environ["TRITON_INTERPRET"] = "1"  # before dbae.kernels imports triton
+    os.environ["DBAE_KERNELS"] = "triton"  # the fused rows must be the kernels, never the fallback
+
+    from dbae import kernels
+
+    device = "cuda" if cuda else "cpu"
+    if not kernels.available(device):
+        print(f"The Triton kernels cannot run on {device} here (is triton installed?).")
+        return 0 if args.smoke else 1
+    bench = _timer(smoke=not cuda)
+    compiler = "inductor" if cuda else "aot_eager"  # the smoke run checks the code path, not speed
+    copy_gbps = copy_bandwidth(bench) if cuda else None
+    if cuda:
+        print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbps:.1f} GB/s")
+    rows = []
+    for name in args.dtypes:
+        for batch, side in SIZES if cuda else SMOKE_SIZES:
+            rows += bench_size(batch, side, DTYPES[name], device, bench, compiler)
+    print_table(rows, copy_gbps)
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter smoke run)",
+        "torch": torch.__version__,
+        "copy_GBps": copy_gbps,
+        "rows": rows,
+    }
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
