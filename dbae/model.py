@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bridge import VPBridge
+from .bridge import Preconditioning, VPBridge
 from .config import ModelConfig
 from .errors import DataError
 from .nn import Decoder, Encoder, ScoreUNet, count_parameters
@@ -45,6 +45,14 @@ def fused_training(device: torch.device) -> bool:
     from .kernels.backend import use_triton
 
     return use_triton(device)
+
+
+def fused_sampling(device: torch.device) -> bool:
+    """Whether :meth:`DBAE.decode` runs the fused C++/CUDA sampler steps on ``device``
+    (``DBAE_KERNELS`` decides, see :func:`dbae.fused_step.backend`)."""
+    from . import fused_step
+
+    return fused_step.backend(device) != "reference"
 
 
 def _per_sample(c: Tensor, like: Tensor) -> Tensor:
@@ -85,13 +93,22 @@ class DBAE(nn.Module):
 
     def denoise(self, x_t: Tensor, t: Tensor | float, x_T: Tensor, z: Tensor) -> Tensor:
         """Preconditioned denoiser D = c_skip x_t + c_out F(c_in x_t, c_noise, x_T, z)."""
+        pre = self._preconditioning(t, x_t)
+        F = self._network(x_t, pre, x_T, z)
+        return _per_sample(pre.c_skip, x_t) * x_t + _per_sample(pre.c_out, x_t) * F.to(x_t.dtype)
+
+    def network_output(self, x_t: Tensor, t: Tensor | float, x_T: Tensor, z: Tensor) -> Tensor:
+        """The raw U-Net output F(c_in x_t, c_noise, x_T, z) (what the fused sampler steps take)."""
+        return self._network(x_t, self._preconditioning(t, x_t), x_T, z)
+
+    def _preconditioning(self, t: Tensor | float, x_t: Tensor) -> Preconditioning:
         if not isinstance(t, Tensor) or t.dim() == 0:
             t = torch.full((x_t.shape[0],), float(t), dtype=torch.float64, device=x_t.device)
-        pre = self.bridge.preconditioning(t.to(torch.float64))
-        c_in, c_skip, c_out = (_per_sample(c, x_t) for c in pre[:3])
+        return self.bridge.preconditioning(t.to(torch.float64))
+
+    def _network(self, x_t: Tensor, pre: Preconditioning, x_T: Tensor, z: Tensor) -> Tensor:
         c_noise = pre.c_noise.to(device=x_t.device, dtype=torch.float32)
-        F = self.unet(c_in * x_t, c_noise, x_T, z)
-        return c_skip * x_t + c_out * F.to(x_t.dtype)
+        return self.unet(_per_sample(pre.c_in, x_t) * x_t, c_noise, x_T, z)
 
     # ----- training objective (SPEC 5) -----
     def loss(
@@ -163,14 +180,21 @@ class DBAE(nn.Module):
         steps = steps_for_nfe(nfe, sampler, churn)
         if x_T is None:
             x_T = self.endpoint(z)
+        if clamp and fused_sampling(x_T.device):
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x_T.device)) if churn > 0 else 0
+            result = self.sampler.sample_fused(
+                lambda x, t: self.network_output(x, t, x_T, z),
+                x_T, steps=steps, sampler=sampler, churn=churn, seed=seed, progress=progress,
+            )
+        else:
 
-        def denoise(x: Tensor, t: float) -> Tensor:
-            D = self.denoise(x, t, x_T, z)
-            return D.clamp(-1.0, 1.0) if clamp else D
+            def denoise(x: Tensor, t: float) -> Tensor:
+                D = self.denoise(x, t, x_T, z)
+                return D.clamp(-1.0, 1.0) if clamp else D
 
-        result = self.sampler.sample(
-            denoise, x_T, steps=steps, sampler=sampler, churn=churn, generator=generator, progress=progress
-        )
+            result = self.sampler.sample(
+                denoise, x_T, steps=steps, sampler=sampler, churn=churn, generator=generator, progress=progress
+            )
         images = result.images.clamp(-1.0, 1.0) if clamp else result.images
         return SampleResult(images=images, nfe=result.nfe, steps=result.steps)
 

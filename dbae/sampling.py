@@ -19,6 +19,8 @@ from .bridge import BridgeConfig, VPBridge, float64_scalar, karras_grid
 Tensor = torch.Tensor
 #: ``denoise(x, t) -> D``: x (B, C, H, W), t a python float (the same for the whole batch)
 DenoiseFn = Callable[[Tensor, float], Tensor]
+#: ``network(x, t) -> F``: the raw U-Net output (the fused steps apply the preconditioning)
+NetworkFn = Callable[[Tensor, float], Tensor]
 SamplerName = Literal["euler", "heun"]
 SAMPLERS = ("euler", "heun")
 
@@ -32,6 +34,24 @@ class StepScalars:
     k_T: float
     g: float
 
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Times and host-side float64 scalars of every network evaluation of a run."""
+
+    steps: int
+    sampler: str
+    churn: float
+    ts: list[float]  # Karras grid t_0 > ... > t_{steps-1}, then 0
+    t_hats: list[float]  # where each step's ODE part starts (t_i without churn)
+    sde: list[StepScalars] | None  # SDE scalars at t_i (churn only)
+    ode: list[StepScalars]  # ODE scalars at t_hat_i
+    ode_next: list[StepScalars] | None  # ODE scalars at t_{i+1} (Heun corrector only)
+
+    @property
+    def nfe(self) -> int:
+        return nfe_for(self.steps, self.sampler, self.churn)
 
 
 @dataclass(frozen=True)
@@ -102,16 +122,8 @@ class BridgeSampler:
         progress: bool = False,
     ) -> SampleResult:
         """Run ``steps`` grid steps; ``denoise`` must already clamp its output if wanted."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if not (0.0 <= churn < 1.0):
-            raise ValueError(f"churn must lie in [0, 1), got {churn}")
-        ts = karras_grid(steps, self.config)
-        # Host-side float64 scalars of every evaluation, computed once up front.
-        t_hats = [t + churn * (tn - t) for t, tn in zip(ts[:-1], ts[1:])] if churn > 0.0 else ts[:-1]
-        sde = self.scalars(ts[:-1], "sde") if churn > 0.0 else None
-        ode = self.scalars(t_hats, "ode")
-        ode_next = self.scalars(ts[1:-1], "ode") if sampler == "heun" else None
+        plan = self.plan(steps, sampler, churn)
+        ts, t_hats, sde, ode, ode_next = plan.ts, plan.t_hats, plan.sde, plan.ode, plan.ode_next
         nfe = 0
 
         def evaluate(x: Tensor, t: float) -> Tensor:
@@ -120,12 +132,7 @@ class BridgeSampler:
             return denoise(x, t)
 
         x = x_T
-        iterator = range(steps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, desc=f"{sampler} x{steps}", leave=False)
-        for i in iterator:
+        for i in _progress(range(steps), progress, f"{sampler} x{steps}"):
             t_cur, t_next = ts[i], ts[i + 1]
             if sde is not None:
                 # SDE Euler-Maruyama from t_cur to t_hat, then the ODE step from t_hat.
@@ -141,7 +148,84 @@ class BridgeSampler:
                 d2 = drift(x_next, evaluate(x_next, t_next), x_T, ode_next[i])
                 x_next = x + dt * 0.5 * (d + d2)
             x = x_next
-        expected = nfe_for(steps, sampler, churn)
-        if nfe != expected:
-            raise RuntimeError(f"NFE accounting broken: counted {nfe}, expected {expected}")
-        return SampleResult(images=x, nfe=nfe, steps=steps)
+        return _checked_result(x, nfe, plan)
+
+    def plan(self, steps: int, sampler: str, churn: float) -> SamplingPlan:
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not (0.0 <= churn < 1.0):
+            raise ValueError(f"churn must lie in [0, 1), got {churn}")
+        ts = karras_grid(steps, self.config)
+        # Host-side float64 scalars of every evaluation, computed once up front.
+        t_hats = [t + churn * (tn - t) for t, tn in zip(ts[:-1], ts[1:])] if churn > 0.0 else ts[:-1]
+        return SamplingPlan(
+            steps=steps,
+            sampler=sampler,
+            churn=churn,
+            ts=ts,
+            t_hats=t_hats,
+            sde=self.scalars(ts[:-1], "sde") if churn > 0.0 else None,
+            ode=self.scalars(t_hats, "ode"),
+            ode_next=self.scalars(ts[1:-1], "ode") if sampler == "heun" else None,
+        )
+
+    def sample_fused(
+        self,
+        network: NetworkFn,
+        x_T: Tensor,
+        *,
+        steps: int,
+        sampler: SamplerName = "euler",
+        churn: float = 0.0,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> SampleResult:
+        """The same integration with the fused steps of :mod:`dbae.fused_step`.
+
+        ``network(x, t)`` returns the raw U-Net output F; each step clamps
+        D = c_skip x + c_out F to [-1, 1] and updates x in one pass. Churn noise comes from
+        the Philox stream (seed, step index) instead of a torch generator.
+        """
+        from . import fused_step as fs
+
+        plan = self.plan(steps, sampler, churn)
+        nfe = 0
+
+        def evaluate(x: Tensor, t: float) -> Tensor:
+            nonlocal nfe
+            nfe += 1
+            return network(x, t)
+
+        def scalars(t: float, k: StepScalars, dt: float) -> fs.FusedScalars:
+            return fs.FusedScalars.at(self.bridge, t, k, dt)
+
+        x = x_T
+        for i in _progress(range(steps), progress, f"{sampler} x{steps} (fused)"):
+            t_cur, t_next = plan.ts[i], plan.ts[i + 1]
+            if plan.sde is not None:
+                dt = plan.t_hats[i] - t_cur
+                x = fs.churn_step(x, evaluate(x, t_cur), x_T, scalars(t_cur, plan.sde[i], dt), seed, i)
+                t_cur = plan.t_hats[i]
+            dt = t_next - t_cur
+            F = evaluate(x, t_cur)
+            if plan.ode_next is not None and t_next > 0.0:
+                x_pred, d = fs.heun_predict(x, F, x_T, scalars(t_cur, plan.ode[i], dt))
+                s_next = scalars(t_next, plan.ode_next[i], dt)
+                x = fs.heun_correct(x, d, x_pred, evaluate(x_pred, t_next), x_T, s_next)
+            else:
+                x = fs.euler_step(x, F, x_T, scalars(t_cur, plan.ode[i], dt))
+        return _checked_result(x, nfe, plan)
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def _checked_result(x: Tensor, nfe: int, plan: SamplingPlan) -> SampleResult:
+    if nfe != plan.nfe:
+        raise RuntimeError(f"NFE accounting broken: counted {nfe}, expected {plan.nfe}")
+    return SampleResult(images=x, nfe=nfe, steps=plan.steps)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Triton decides at import whether its kernels run in the CPU interpreter, and several
+# modules may import it (dbae.kernels, torch.library internals): set the switch before
+# any of them, so that the Triton kernels are tested through the interpreter on the CPU.
+# (Training never uses the interpreter: see dbae.model.fused_training.)
+import torch  # noqa: E402  (torch itself does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
