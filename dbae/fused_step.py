@@ -21,7 +21,8 @@ step its own ``offset`` (e.g. the step index); ``offset`` does not advance with 
 
 Backends, chosen by ``DBAE_KERNELS`` when this module is imported: ``auto`` (default: the
 compiled kernels for the tensors' device when available, else the reference), ``reference``,
-``cpu`` or ``cuda`` (forced: an unavailable backend raises RuntimeError). See :func:`backend`.
+``cpu`` or ``cuda`` (forced: an unavailable backend raises RuntimeError); ``triton``, which
+selects the Triton training ops of :mod:`dbae.kernels`, means ``auto`` here. See :func:`backend`.
 """
 
 from __future__ import annotations

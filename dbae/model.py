@@ -180,11 +180,11 @@ class DBAE(nn.Module):
         steps = steps_for_nfe(nfe, sampler, churn)
         if x_T is None:
             x_T = self.endpoint(z)
-        if clamp and fused_sampling(x_T.device):
+        if fused_sampling(x_T.device):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x_T.device)) if churn > 0 else 0
             result = self.sampler.sample_fused(
-                lambda x, t: self.network_output(x, t, x_T, z),
-                x_T, steps=steps, sampler=sampler, churn=churn, seed=seed, progress=progress,
+                lambda x, t: self.network_output(x, t, x_T, z).to(x.dtype),
+                x_T, steps=steps, sampler=sampler, churn=churn, seed=seed, clamp=clamp, progress=progress,
             )
         else:
 

@@ -178,12 +178,13 @@ class BridgeSampler:
         sampler: SamplerName = "euler",
         churn: float = 0.0,
         seed: int = 0,
+        clamp: bool = True,
         progress: bool = False,
     ) -> SampleResult:
         """The same integration with the fused steps of :mod:`dbae.fused_step`.
 
-        ``network(x, t)`` returns the raw U-Net output F; each step clamps
-        D = c_skip x + c_out F to [-1, 1] and updates x in one pass. Churn noise comes from
+        ``network(x, t)`` returns the raw U-Net output F (in x's dtype); each step forms
+        D = c_skip x + c_out F (clamped to [-1, 1] if ``clamp``) and updates x in one pass. Churn noise comes from
         the Philox stream (seed, step index) instead of a torch generator.
         """
         from . import fused_step as fs
@@ -204,16 +205,16 @@ class BridgeSampler:
             t_cur, t_next = plan.ts[i], plan.ts[i + 1]
             if plan.sde is not None:
                 dt = plan.t_hats[i] - t_cur
-                x = fs.churn_step(x, evaluate(x, t_cur), x_T, scalars(t_cur, plan.sde[i], dt), seed, i)
+                x = fs.churn_step(x, evaluate(x, t_cur), x_T, scalars(t_cur, plan.sde[i], dt), seed, i, clamp=clamp)
                 t_cur = plan.t_hats[i]
             dt = t_next - t_cur
             F = evaluate(x, t_cur)
             if plan.ode_next is not None and t_next > 0.0:
-                x_pred, d = fs.heun_predict(x, F, x_T, scalars(t_cur, plan.ode[i], dt))
+                x_pred, d = fs.heun_predict(x, F, x_T, scalars(t_cur, plan.ode[i], dt), clamp=clamp)
                 s_next = scalars(t_next, plan.ode_next[i], dt)
-                x = fs.heun_correct(x, d, x_pred, evaluate(x_pred, t_next), x_T, s_next)
+                x = fs.heun_correct(x, d, x_pred, evaluate(x_pred, t_next), x_T, s_next, clamp=clamp)
             else:
-                x = fs.euler_step(x, F, x_T, scalars(t_cur, plan.ode[i], dt))
+                x = fs.euler_step(x, F, x_T, scalars(t_cur, plan.ode[i], dt), clamp=clamp)
         return _checked_result(x, nfe, plan)
 
 

@@ -67,3 +67,12 @@ def test_decode_uses_fused_path_and_agrees(model):
     ref = model.sampler.sample(lambda xt, t: model.denoise(xt, t, x_T, z).clamp(-1, 1), x_T, steps=5)
     assert out.nfe == 5
     torch.testing.assert_close(out.images, ref.images.clamp(-1, 1), rtol=0, atol=2e-4)
+
+
+@torch.no_grad()
+def test_decode_without_clamp_agrees(model):
+    z = torch.randn(2, 16)
+    out = model.decode(z, nfe=4, clamp=False)
+    x_T = model.endpoint(z)
+    ref = model.sampler.sample(lambda xt, t: model.denoise(xt, t, x_T, z), x_T, steps=4)
+    torch.testing.assert_close(out.images, ref.images, rtol=0, atol=2e-4)
