@@ -124,12 +124,7 @@ class BridgeSampler:
         """Run ``steps`` grid steps; ``denoise`` must already clamp its output if wanted."""
         plan = self.plan(steps, sampler, churn)
         ts, t_hats, sde, ode, ode_next = plan.ts, plan.t_hats, plan.sde, plan.ode, plan.ode_next
-        nfe = 0
-
-        def evaluate(x: Tensor, t: float) -> Tensor:
-            nonlocal nfe
-            nfe += 1
-            return denoise(x, t)
+        evaluate = _Counted(denoise)
 
         x = x_T
         for i in _progress(range(steps), progress, f"{sampler} x{steps}"):
@@ -148,7 +143,7 @@ class BridgeSampler:
                 d2 = drift(x_next, evaluate(x_next, t_next), x_T, ode_next[i])
                 x_next = x + dt * 0.5 * (d + d2)
             x = x_next
-        return _checked_result(x, nfe, plan)
+        return _checked_result(x, evaluate.calls, plan)
 
     def plan(self, steps: int, sampler: str, churn: float) -> SamplingPlan:
         if sampler not in SAMPLERS:
@@ -184,18 +179,13 @@ class BridgeSampler:
         """The same integration with the fused steps of :mod:`dbae.fused_step`.
 
         ``network(x, t)`` returns the raw U-Net output F (in x's dtype); each step forms
-        D = c_skip x + c_out F (clamped to [-1, 1] if ``clamp``) and updates x in one pass. Churn noise comes from
-        the Philox stream (seed, step index) instead of a torch generator.
+        D = c_skip x + c_out F (clamped to [-1, 1] if ``clamp``) and updates x in one pass.
+        Churn noise comes from the Philox stream (seed, step index), not a torch generator.
         """
         from . import fused_step as fs
 
         plan = self.plan(steps, sampler, churn)
-        nfe = 0
-
-        def evaluate(x: Tensor, t: float) -> Tensor:
-            nonlocal nfe
-            nfe += 1
-            return network(x, t)
+        evaluate = _Counted(network)
 
         def scalars(t: float, k: StepScalars, dt: float) -> fs.FusedScalars:
             return fs.FusedScalars.at(self.bridge, t, k, dt)
@@ -215,7 +205,18 @@ class BridgeSampler:
                 x = fs.heun_correct(x, d, x_pred, evaluate(x_pred, t_next), x_T, s_next, clamp=clamp)
             else:
                 x = fs.euler_step(x, F, x_T, scalars(t_cur, plan.ode[i], dt), clamp=clamp)
-        return _checked_result(x, nfe, plan)
+        return _checked_result(x, evaluate.calls, plan)
+
+
+class _Counted:
+    """Wraps the denoiser (or network) and counts its evaluations: the NFE."""
+
+    def __init__(self, fn: Callable[[Tensor, float], Tensor]) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, x: Tensor, t: float) -> Tensor:
+        self.calls += 1
+        return self.fn(x, t)
 
 
 def _progress(iterable, enabled: bool, desc: str):
