@@ -275,10 +275,9 @@ class Trainer:
                     if self.step % cfg.sample_every == 0 and self.step < cfg.steps:
                         stats = self.evaluate(self.ema.module, samples / f"step-{self.step:08d}.png")
                         metrics.write({"step": self.step, **{f"eval_{k}": v for k, v in stats.items()}})
-                    if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop.requested:
                         last_ckpt = self.save()
                     if stop.requested:
-                        last_ckpt = self.save()
                         break
         finally:
             if progress is not None:
