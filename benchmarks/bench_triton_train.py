@@ -153,11 +153,22 @@ def print_table(rows: list[dict], copy_gbps: float | None) -> None:
         print(line(cells))
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        batch, side = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCHxSIDE such as 16x64, got {text!r}") from None
+    return batch, side
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--json", type=Path, default=Path("bench_triton_train.json"), help="where to write the results")
     parser.add_argument("--smoke", action="store_true", help="without CUDA: a tiny run on the Triton interpreter")
+    parser.add_argument(
+        "--sizes", nargs="+", type=_size, default=SIZES, metavar="BxS", help="batch x image side, e.g. 16x64 128x128"
+    )
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -181,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbps:.1f} GB/s")
     rows = []
     for name in args.dtypes:
-        for batch, side in SIZES if cuda else SMOKE_SIZES:
+        for batch, side in args.sizes if cuda else SMOKE_SIZES:
             rows += bench_size(batch, side, DTYPES[name], device, bench, compiler)
     print_table(rows, copy_gbps)
     result = {

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU checks of the fused kernels, in one go (for a CUDA machine; not part of CI):
+#   1. build and install dbae against the CUDA torch found here (falls back to the pure-Python
+#      package when the build fails, so that the Triton and reference checks still run),
+#   2. the fused-kernel tests, now on CUDA (parity, CUDA graphs, compiled Triton kernels),
+#   3. a short CUDA training run with the fused ops against the reference path,
+#   4. both kernel benchmarks (GB/s against the device-to-device copy of the same run).
+#
+#   bash benchmarks/run_gpu_checks.sh [OUTPUT_DIR]      # default: runs/gpu_checks
+#
+# Every step writes its log and JSON under OUTPUT_DIR; a failing step does not stop the others.
+# With ARCHIVE=path.tgz set, OUTPUT_DIR is packed into that archive after every step (so that a
+# run cut short still leaves everything it finished in one file).
+set -u
+out=${1:-runs/gpu_checks}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+status=()
+
+step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND, tees its output to OUTPUT_DIR/NAME.log
+  local name=$1 limit=$2 start rc
+  shift 2
+  echo "=== $name: $*"
+  start=$(date +%s)
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  tail -n "${TAIL_LINES:-25}" "$out/$name.log"
+  status+=("$name rc=$rc $(($(date +%s) - start))s")
+  printf '%s\n' "${status[@]}" >"$out/status.txt"
+  [[ -n ${ARCHIVE:-} ]] && tar czf "$ARCHIVE" -C "$out" .
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >"$out/device.txt" 2>&1
+$py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" >>"$out/device.txt" 2>&1
+nvcc --version | tail -n 2 >>"$out/device.txt" 2>&1
+cat "$out/device.txt"
+
+if ! TAIL_LINES=40 step build 300 $py -m pip install --no-build-isolation --no-deps -v -e .; then
+  echo "build failed: staging the pure-Python package (no dbae._C, no dbae/_ops.so)"
+  stage=/tmp/dbae_stage
+  rm -rf "$stage" && mkdir -p "$stage"
+  cp -r dbae "$stage/dbae" && cp -r kernels "$stage/dbae/kernels" && cp -r export "$stage/dbae/export"
+  export PYTHONPATH=$stage
+fi
+$py -c "from dbae import fused_step as fs; print('fused-step report:', fs.report(), 'kernel devices:', fs.KERNEL_DEVICES)" 2>&1 | tee "$out/report.txt"
+
+TAIL_LINES=30 step tests 150 $py -m pytest -q -p no:cacheprovider --junitxml="$out/tests.xml" \
+  tests/test_fused_step.py tests/test_triton_kernels.py tests/test_fused_training.py tests/test_fused_sampling.py
+
+step bench_step 100 $py benchmarks/bench_sampler_step.py --device cuda --batches 1 16 128 --sizes 64 128 \
+  --min-time 0.1 --json "$out/bench_sampler_step.json"
+step bench_train 150 $py benchmarks/bench_triton_train.py --sizes 1x64 16x64 128x64 128x128 \
+  --json "$out/bench_triton_train.json"
+
+for kernels in auto reference; do
+  DBAE_KERNELS=$kernels step "train_$kernels" 60 $py -m dbae.cli.main train --preset shapes32 --device cuda \
+    --precision bf16 --steps 300 --log-every 100 --sample-every 100000 --ckpt-every 100000 --no-progress \
+    --out "/tmp/train_$kernels"
+  tail -n 3 "/tmp/train_$kernels/metrics.jsonl" >"$out/train_${kernels}_metrics.jsonl" 2>/dev/null
+done
+
+cat "$out/status.txt"
