@@ -4,19 +4,24 @@
 #      package when the build fails, so that the Triton and reference checks still run),
 #   2. the fused-kernel tests, now on CUDA (parity, CUDA graphs, compiled Triton kernels),
 #   3. a short CUDA training run with the fused ops against the reference path,
-#   4. both kernel benchmarks (GB/s against the device-to-device copy of the same run).
+#   4. both kernel benchmarks (GB/s against the device-to-device copy of the same run),
+#   5. the deployment latency benchmark (eager against CUDA graphs, ffhq128 random weights).
 #
 #   bash benchmarks/run_gpu_checks.sh [OUTPUT_DIR]      # default: runs/gpu_checks
 #
 # Every step writes its log and JSON under OUTPUT_DIR; a failing step does not stop the others.
 # With ARCHIVE=path.tgz set, OUTPUT_DIR is packed into that archive after every step (so that a
-# run cut short still leaves everything it finished in one file).
+# run cut short still leaves everything it finished in one file). CHECKS picks the steps
+# (default: all of build tests bench_step bench_train train latency); BENCH_TRAIN_SIZES the
+# sizes of the training-kernel benchmark.
 set -u
 out=${1:-runs/gpu_checks}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 status=()
+checks=" ${CHECKS:-build tests bench_step bench_train train latency} "
+want() { [[ $checks == *" $1 "* ]]; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND, tees its output to OUTPUT_DIR/NAME.log
   local name=$1 limit=$2 start rc
@@ -37,7 +42,7 @@ $py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 nvcc --version | tail -n 2 >>"$out/device.txt" 2>&1
 cat "$out/device.txt"
 
-if ! TAIL_LINES=40 step build 300 $py -m pip install --no-build-isolation --no-deps -v -e .; then
+if want build && ! TAIL_LINES=40 step build 300 $py -m pip install --no-build-isolation --no-deps -v -e .; then
   echo "build failed: staging the pure-Python package (no dbae._C, no dbae/_ops.so)"
   stage=/tmp/dbae_stage
   rm -rf "$stage" && mkdir -p "$stage"
@@ -46,19 +51,27 @@ if ! TAIL_LINES=40 step build 300 $py -m pip install --no-build-isolation --no-d
 fi
 $py -c "from dbae import fused_step as fs; print('fused-step report:', fs.report(), 'kernel devices:', fs.KERNEL_DEVICES)" 2>&1 | tee "$out/report.txt"
 
-TAIL_LINES=30 step tests 150 $py -m pytest -q -p no:cacheprovider --junitxml="$out/tests.xml" \
-  tests/test_fused_step.py tests/test_triton_kernels.py tests/test_fused_training.py tests/test_fused_sampling.py
+# pytest-xdist, where installed, keeps going past a test that crashes its worker
+xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 4")
+want tests && TAIL_LINES=30 step tests 110 $py -m pytest -q $xdist -p no:cacheprovider --junitxml="$out/tests.xml" \
+  tests/test_fused_step.py tests/test_triton_kernels.py tests/test_fused_training.py tests/test_fused_sampling.py \
+  tests/test_runners_torch.py
 
-step bench_step 100 $py benchmarks/bench_sampler_step.py --device cuda --batches 1 16 128 --sizes 64 128 \
-  --min-time 0.1 --json "$out/bench_sampler_step.json"
-step bench_train 150 $py benchmarks/bench_triton_train.py --sizes 1x64 16x64 128x64 128x128 \
-  --json "$out/bench_triton_train.json"
+want bench_step && step bench_step 100 $py benchmarks/bench_sampler_step.py --device cuda --batches 1 16 128 \
+  --sizes 64 128 --min-time 0.1 --json "$out/bench_sampler_step.json"
+# shellcheck disable=SC2086
+want bench_train && step bench_train 75 $py benchmarks/bench_triton_train.py \
+  --sizes ${BENCH_TRAIN_SIZES:-1x64 16x64 128x64 128x128} --json "$out/bench_triton_train.json"
 
-for kernels in auto reference; do
-  DBAE_KERNELS=$kernels step "train_$kernels" 60 $py -m dbae.cli.main train --preset shapes32 --device cuda \
-    --precision bf16 --steps 300 --log-every 100 --sample-every 100000 --ckpt-every 100000 --no-progress \
-    --out "/tmp/train_$kernels"
-  tail -n 3 "/tmp/train_$kernels/metrics.jsonl" >"$out/train_${kernels}_metrics.jsonl" 2>/dev/null
-done
+if want train; then
+  for kernels in auto reference; do
+    DBAE_KERNELS=$kernels step "train_$kernels" 60 $py -m dbae.cli.main train --preset shapes32 --device cuda \
+      --precision bf16 --steps 300 --log-every 100 --sample-every 100000 --ckpt-every 100000 --no-progress \
+      --out "/tmp/train_$kernels"
+  done
+fi
+
+want latency && step latency 100 $py -m dbae.cli.main bench latency --preset ffhq128 --device cuda \
+  --runners eager cuda-graph --steps 4 10 --batches 1 8 --precision bf16 --runs 20 --out "$out/latency"
 
 cat "$out/status.txt"

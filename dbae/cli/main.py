@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from ..errors import DBAEError
-from . import encode, info, reconstruct, train
+from . import bench, encode, info, reconstruct, train
 
-COMMANDS = {"train": train, "reconstruct": reconstruct, "encode": encode, "info": info}
+COMMANDS = {"train": train, "reconstruct": reconstruct, "encode": encode, "info": info, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
