@@ -93,7 +93,7 @@ def gpu_ms(fn: Callable[[], object]) -> float | None:
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(GPU_TIME_CALLS):
             flush.zero_()
             fn()
