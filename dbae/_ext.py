@@ -28,6 +28,13 @@ def _load() -> ModuleType | None:
     return _C
 
 
+def ops_library_path() -> Path | None:
+    """Where ``_ops.so`` is (None when it was not built)."""
+    package = importlib.import_module(__package__)
+    found = [Path(d) / OPS_LIBRARY for d in package.__path__ if (Path(d) / OPS_LIBRARY).is_file()]
+    return found[0] if found else None
+
+
 def load_ops() -> str | None:
     """Registers the ``torch.ops.dbae.*`` kernels from ``_ops.so``; returns why not, or None.
 
@@ -36,14 +43,13 @@ def load_ops() -> str | None:
     """
     import torch
 
-    package = importlib.import_module(__package__)
-    found = [Path(d) / OPS_LIBRARY for d in package.__path__ if (Path(d) / OPS_LIBRARY).is_file()]
-    if not found:
+    path = ops_library_path()
+    if path is None:
         return f"{OPS_LIBRARY} was not built (was torch importable when the package was built?)"
     try:
-        torch.ops.load_library(str(found[0]))
+        torch.ops.load_library(str(path))
     except OSError as e:
-        return f"{found[0]} failed to load: {e}"
+        return f"{path} failed to load: {e}"
     return None
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,3 +130,16 @@ def test_drift_coefficients_invalid_mode(C, mode):
 
 def test_empty_list(C):
     assert list(C.drift_coefficients([], 0, 1.0, *_args(CONFIGS[0]))) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux" or shutil.which("readelf") is None, reason="needs Linux and readelf")
+def test_ops_library_uses_the_shared_cxx_runtime():
+    """_ops.so must not carry its own copy of libstdc++ (some g++ wrappers add -static-libstdc++):
+    that copy's iostreams crash the process when an op formats an error message."""
+    from dbae._ext import ops_library_path
+
+    path = ops_library_path()
+    if path is None:
+        pytest.skip("_ops.so was not built")
+    dynamic = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in dynamic, dynamic
