@@ -1,15 +1,16 @@
 """Tests of the fused training ops (dbae.kernels).
 
-The Triton kernels run on the CPU through the Triton interpreter: TRITON_INTERPRET=1 is
-set below, before dbae.kernels (and with it triton) is imported, because Triton decides
-at import whether its kernels are interpreted (and reads the variable again at launch, so
-it stays set). Tests that need the kernels skip when Triton is not installed; the
+Without CUDA, the Triton kernels run on the CPU through the Triton interpreter:
+TRITON_INTERPRET=1 is set below, before dbae.kernels (and with it triton) is imported,
+because Triton decides at import whether its kernels are interpreted (and reads the
+variable again at launch, so it stays set). Where CUDA is available the same tests run the
+compiled kernels on CUDA tensors (DEVICE). Tests that need the kernels skip when Triton is not installed; the
 reference path, the dispatch and the torch.compile checks run everywhere. What the CPU
 cannot run is checked as far as it can be: the kernels are compiled for sm_90, and the ops
 are traced on fake CUDA tensors (both in subprocesses, with real, non-interpreted kernels).
 
 Parity: kernels and reference (dbae.kernels.reference) are compared on the same noise,
-eps = bridge_noise(shape, seed): the kernels' own Philox stream, passed explicitly to the
+eps = bridge_noise(shape, seed, DEVICE): the kernels' own Philox stream, passed explicitly to the
 reference. Gradients are compared against plain autograd of the reference forward
 functions, so the hand-written backward passes (Triton and reference alike) are checked
 against an independent derivation.
@@ -30,10 +31,12 @@ import os
 import subprocess
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (through dbae.kernels)
+import torch  # noqa: E402  (torch does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (through dbae.kernels)
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from dbae.bridge import VPBridge  # noqa: E402
 from dbae.kernels import available, bridge_input, bridge_loss, bridge_noise, bridge_table  # noqa: E402
@@ -47,15 +50,17 @@ ODD_SHAPE = (3, 3, 7, 7)  # 147 values per sample: one partly masked program per
 MULTI_BLOCK_SHAPE = (2, 3, 37, 40)  # 4440 values per sample: a full 4096-value program and a tail
 SHAPES = pytest.mark.parametrize("shape", [ODD_SHAPE, MULTI_BLOCK_SHAPE], ids=["odd", "multiblock"])
 SEED = 1234
+#: where the kernels run: compiled on CUDA where there is a GPU, else interpreted on the CPU
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _why_no_triton() -> str:
     if backend.kernel_module() is None:
         return "triton is not installed"
-    return "dbae.kernels was imported before TRITON_INTERPRET=1 was set: its kernels cannot run on the CPU"
+    return f"the Triton kernels cannot run on {DEVICE} (dbae.kernels imported before TRITON_INTERPRET=1 was set?)"
 
 
-needs_triton = pytest.mark.skipif(not available("cpu"), reason=_why_no_triton())
+needs_triton = pytest.mark.skipif(not available(DEVICE), reason=_why_no_triton())
 
 
 @pytest.fixture(params=[pytest.param("triton", marks=needs_triton), "reference"])
@@ -68,10 +73,10 @@ def mode(request, monkeypatch) -> str:
 def _inputs(shape, dtypes, *, seed=0):
     """x0 in [-1, 1], x_T, F (x0, x_T, F require grad) and the table for t spread over [t_min, T]."""
     g = torch.Generator().manual_seed(seed)
-    x0 = (torch.rand(shape, generator=g) * 2 - 1).to(dtypes[0]).requires_grad_()
-    x_T = (0.5 * torch.randn(shape, generator=g)).to(dtypes[1]).requires_grad_()
-    F = torch.randn(shape, generator=g).to(dtypes[2]).requires_grad_()
-    t = torch.linspace(1e-4, 1.0, shape[0])  # both ends of the training range
+    x0 = (torch.rand(shape, generator=g) * 2 - 1).to(DEVICE, dtypes[0]).requires_grad_()
+    x_T = (0.5 * torch.randn(shape, generator=g)).to(DEVICE, dtypes[1]).requires_grad_()
+    F = torch.randn(shape, generator=g).to(DEVICE, dtypes[2]).requires_grad_()
+    t = torch.linspace(1e-4, 1.0, shape[0], device=DEVICE)  # both ends of the training range
     return x0, x_T, F, bridge_table(VPBridge(), t)
 
 
@@ -262,14 +267,14 @@ def test_ops_trace_into_their_kernels_for_cuda_tensors():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bridge_input_matches_reference(mode, dtype, shape):
     x0, x_T, _, table = _inputs(shape, (dtype,) * 3)
-    eps = bridge_noise(shape, SEED)
+    eps = bridge_noise(shape, SEED, DEVICE)
     got = bridge_input(x0, x_T, table, SEED)
     ref = reference.bridge_input(x0, x_T, table, eps)
     for g, r in zip(got, ref):
         assert g.dtype == dtype
         _assert_close(g, r, dtype)
 
-    cotangents = (torch.randn(shape).to(dtype), torch.randn(shape).to(dtype))
+    cotangents = (torch.randn(shape, device=DEVICE).to(dtype), torch.randn(shape, device=DEVICE).to(dtype))
     # gradients into both outputs, then into x_in alone (x_t unused, as in a training step)
     for used in ((0, 1), (1,)):
         pick = lambda seq: [seq[i] for i in used]  # noqa: E731
@@ -289,7 +294,7 @@ def test_bridge_input_matches_reference(mode, dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bridge_loss_matches_reference(mode, dtype, shape):
     x0, x_T, F, table = _inputs(shape, (dtype,) * 3)
-    eps = bridge_noise(shape, SEED)
+    eps = bridge_noise(shape, SEED, DEVICE)
     got = bridge_loss(F, x0, x_T, table, SEED)
     ref_mse = reference.bridge_mse(F, x0, x_T, table, eps)
     ref_loss = (table[:, col.WEIGHT] * ref_mse).mean()
@@ -309,7 +314,7 @@ def test_bridge_loss_matches_reference(mode, dtype, shape):
 def test_mixed_dtypes(mode):
     dtypes = (torch.float32, torch.bfloat16, torch.float16)  # x0, x_T, F, as under autocast
     x0, x_T, F, table = _inputs(ODD_SHAPE, dtypes)
-    eps = bridge_noise(ODD_SHAPE, SEED)
+    eps = bridge_noise(ODD_SHAPE, SEED, DEVICE)
     x_t, x_in = bridge_input(x0, x_T, table, SEED)
     ref_x_t, ref_x_in = reference.bridge_input(x0, x_T, table, eps)
     assert x_t.dtype == x_in.dtype == torch.float32  # promoted from float32 and bfloat16
@@ -324,7 +329,7 @@ def test_mixed_dtypes(mode):
 
 def _every_other_column(x: torch.Tensor) -> torch.Tensor:
     """The values of x, stored in every other column of a twice wider buffer."""
-    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
     wide[..., ::2] = x.detach()
     return wide[..., ::2].detach().requires_grad_()
 
@@ -367,7 +372,7 @@ def _corr(x: torch.Tensor, y: torch.Tensor) -> float:
 @pytest.mark.parametrize("seed", [0, 1, 2**40 + 3])
 def test_noise_is_standard_normal(monkeypatch, seed):
     monkeypatch.setenv(backend.ENV_VAR, "triton")
-    eps = bridge_noise(NOISE_SHAPE, seed).flatten().double()
+    eps = bridge_noise(NOISE_SHAPE, seed, DEVICE).flatten().double()
     n = eps.numel()
     assert torch.isfinite(eps).all()
     z = (eps - eps.mean()) / eps.std()
@@ -375,7 +380,7 @@ def test_noise_is_standard_normal(monkeypatch, seed):
     assert abs(float(eps.var()) - 1) < _SIGMAS * math.sqrt(2 / n)
     assert abs(float(z.pow(3).mean())) < _SIGMAS * math.sqrt(6 / n)
     assert abs(float(z.pow(4).mean()) - 3) < _SIGMAS * math.sqrt(24 / n)
-    empirical = torch.arange(1, n + 1, dtype=torch.float64) / n
+    empirical = torch.arange(1, n + 1, dtype=torch.float64, device=eps.device) / n
     ks = float((torch.special.ndtr(eps.sort().values) - empirical).abs().max())
     assert math.sqrt(n) * ks < 2.5
 
@@ -383,7 +388,7 @@ def test_noise_is_standard_normal(monkeypatch, seed):
 @needs_triton
 def test_noise_is_independent_across_elements_samples_and_seeds(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "triton")
-    eps = bridge_noise(NOISE_SHAPE, 7).double()
+    eps = bridge_noise(NOISE_SHAPE, 7, DEVICE).double()
     flat = eps.flatten()
     n = flat.numel()
     bound = _SIGMAS / math.sqrt(n)
@@ -396,19 +401,19 @@ def test_noise_is_independent_across_elements_samples_and_seeds(monkeypatch):
     # the same position in neighbouring samples (counter word 1), and in another seed
     by_sample = eps.flatten(1)
     assert abs(_corr(by_sample[:-1].flatten(), by_sample[1:].flatten())) < bound
-    assert abs(_corr(flat, bridge_noise(NOISE_SHAPE, 8).double().flatten())) < bound
+    assert abs(_corr(flat, bridge_noise(NOISE_SHAPE, 8, DEVICE).double().flatten())) < bound
 
 
 @needs_triton
 def test_noise_is_reproducible_and_layout_independent(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "triton")
     shape = (3, 5, 9, 9)
-    eps = bridge_noise(shape, 99)
-    assert torch.equal(eps, bridge_noise(shape, 99))
-    assert not torch.equal(eps, bridge_noise(shape, 100))
+    eps = bridge_noise(shape, 99, DEVICE)
+    assert torch.equal(eps, bridge_noise(shape, 99, DEVICE))
+    assert not torch.equal(eps, bridge_noise(shape, 100, DEVICE))
     # eps[b, i] depends on (seed, b, i) only: not on the batch size, nor on P
-    assert torch.equal(bridge_noise((5, *shape[1:]), 99)[:3], eps)
-    assert torch.equal(bridge_noise((2, 3000), 99)[:, :100], bridge_noise((2, 100), 99))
+    assert torch.equal(bridge_noise((5, *shape[1:]), 99, DEVICE)[:3], eps)
+    assert torch.equal(bridge_noise((2, 3000), 99, DEVICE)[:, :100], bridge_noise((2, 100), 99, DEVICE))
     # the ops regenerate exactly this noise: the same seed gives the same loss, bit for bit
     x0, x_T, F, table = _inputs(shape, (torch.float32,) * 3)
     first, second = (bridge_loss(F, x0, x_T, table, 99).mse for _ in range(2))
