@@ -3,11 +3,21 @@
 A factory is a function of the decode setting (runners fix their decode length when
 made). Asking for a kind that cannot run here raises :class:`dbae.errors.ConfigError`
 that says why and what to install.
+
+The ONNX Runtime and TensorRT factories export the model (encoder and the unrolled decode
+for the requested setting) into a temporary folder, build the runner from it and delete
+the folder (the runtimes hold the graphs in memory). TensorRT engines and the timing cache
+are kept in ``$DBAE_CACHE_DIR/tensorrt`` (default ``~/.cache/dbae/tensorrt``), keyed by the
+graph's sha256, so repeated benchmarks do not rebuild them.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -30,16 +40,77 @@ def _cuda_graph(model: DBAE, precision: str) -> RunnerFactory:
     return lambda setting: CUDAGraphRunner(model, setting, precision=precision)
 
 
+def _onnx_export(model: DBAE, setting: DecodeSetting, precision: str, folder: Path) -> Path:
+    from .onnx_export import export_onnx
+
+    out = folder / "export"
+    export_onnx(model, out, settings=[setting], precisions=[precision], kinds=("encoder", "decode"))
+    return out
+
+
+def _onnxruntime(provider: str) -> Callable[[DBAE, str], RunnerFactory]:
+    def make(model: DBAE, precision: str) -> RunnerFactory:
+        from .onnx_export import require_onnx
+        from .onnxruntime_runner import OnnxRuntimeRunner, check_provider
+
+        require_onnx()
+        check_provider(provider)
+        if precision not in ("fp32", "fp16"):
+            raise ConfigError(f"the ONNX Runtime runners run fp32 or fp16 graphs, not {precision}: "
+                              "pass --precision fp32 or --precision fp16")  # fmt: skip
+
+        def factory(setting: DecodeSetting) -> Runner:
+            with tempfile.TemporaryDirectory(prefix="dbae-onnx-") as tmp:
+                export = _onnx_export(model, setting, precision, Path(tmp))
+                return OnnxRuntimeRunner(export, provider, precision, setting)
+
+        return factory
+
+    return make
+
+
+def tensorrt_cache_dir() -> Path:
+    return Path(os.environ.get("DBAE_CACHE_DIR") or Path.home() / ".cache" / "dbae") / "tensorrt"
+
+
+def _tensorrt(model: DBAE, precision: str) -> RunnerFactory:
+    from .onnx_export import require_onnx
+    from .tensorrt_runner import TensorRTRunner, require_tensorrt
+
+    require_onnx()
+    require_tensorrt()
+    if next(model.parameters()).device.type != "cuda":
+        raise ConfigError("runner tensorrt needs a CUDA device (pass --device cuda on a machine with a GPU)")
+
+    def factory(setting: DecodeSetting) -> Runner:
+        with tempfile.TemporaryDirectory(prefix="dbae-onnx-") as tmp:
+            export = _onnx_export(model, setting, "fp32", Path(tmp))
+            return TensorRTRunner(export, precision, setting, cache_dir=tensorrt_cache_dir())
+
+    return factory
+
+
 #: kind -> (make a factory for (model, precision), one-line description)
 KINDS: dict[str, tuple[Callable[[DBAE, str], RunnerFactory], str]] = {
     "eager": (_eager, "DBAE in eager PyTorch (the baseline)"),
     "cuda-graph": (_cuda_graph, "encode / decode / edit captured as CUDA graphs (GPU)"),
+    "onnxruntime": (_onnxruntime("cpu"), "ONNX export in ONNX Runtime, CPU provider (fp32 or fp16)"),
+    "onnxruntime-cuda": (_onnxruntime("cuda"), "ONNX export in ONNX Runtime, CUDA provider with IO binding"),
+    "tensorrt": (_tensorrt, "TensorRT engines built from the ONNX export (GPU)"),
 }
 
 
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def default_kinds(device: torch.device) -> list[str]:
-    """What ``dbae bench latency`` compares when no runner is named."""
-    return ["eager", "cuda-graph"] if device.type == "cuda" else ["eager"]
+    """What ``dbae bench latency`` compares when no runner is named: on the CPU, ONNX Runtime
+    too where onnx and onnxruntime import (not on CUDA, where the bench's default precision,
+    bf16, has no ONNX graphs; name ``onnxruntime-cuda`` with --precision fp16 or fp32)."""
+    if device.type == "cuda":
+        return ["eager", "cuda-graph"]
+    return ["eager", "onnxruntime"] if _importable("onnx") and _importable("onnxruntime") else ["eager"]
 
 
 def factory(kind: str, model: DBAE, precision: str) -> RunnerFactory:

@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from ..errors import DBAEError
-from . import bench, encode, info, reconstruct, train
+from . import bench, encode, export, info, reconstruct, train
 
-COMMANDS = {"train": train, "reconstruct": reconstruct, "encode": encode, "info": info, "bench": bench}
+COMMANDS = {"train": train, "reconstruct": reconstruct, "encode": encode, "info": info, "bench": bench,
+            "export": export}
 
 
 def build_parser() -> argparse.ArgumentParser:

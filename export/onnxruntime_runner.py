@@ -1,0 +1,158 @@
+"""ONNX Runtime runner: an export folder's encoder graph and unrolled decode graph in ONNX Runtime.
+
+:class:`OnnxRuntimeRunner` opens two inference sessions, ``encoder.<precision>.onnx`` and
+``decode-<sampler>-k<K>.<precision>.onnx``; encode, decode, reconstruct and edit (encode,
+shift, decode) all run on those two sessions. Graph inputs and outputs are float32 at every
+precision (see :mod:`.manifest`).
+
+Providers: ``"cpu"`` feeds NumPy views of CPU tensors. ``"cuda"`` (the ``onnxruntime-gpu``
+build) binds torch CUDA tensors by ``data_ptr`` through an IO binding, inputs and a
+preallocated output alike, so nothing is copied through the host: the current torch stream
+is synchronised before a run (ONNX Runtime works on its own stream) and ONNX Runtime
+synchronises its stream before ``run_with_iobinding`` returns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dbae.config import ModelConfig
+from dbae.errors import ConfigError
+
+from .manifest import GraphInfo, Manifest, read_manifest
+from .runner import DecodeSetting, Runner
+
+Tensor = torch.Tensor
+
+#: provider name -> ONNX Runtime execution provider
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def require_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or ConfigError saying what to install."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError(
+            "the onnxruntime runners need ONNX Runtime: pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)"
+        ) from None
+    return onnxruntime
+
+
+def check_provider(provider: str) -> torch.device:
+    """The torch device a provider serves; ConfigError if it cannot run here."""
+    if provider not in PROVIDERS:
+        raise ConfigError(f"unknown ONNX Runtime provider {provider!r}; choose {' or '.join(PROVIDERS)}")
+    ort = require_onnxruntime()
+    if provider == "cpu":
+        return torch.device("cpu")
+    available = ort.get_available_providers()
+    if PROVIDERS["cuda"] not in available:
+        raise ConfigError(
+            "the onnxruntime-cuda runner needs the CUDA build of ONNX Runtime (pip uninstall onnxruntime; "
+            f"pip install onnxruntime-gpu); this one offers only {', '.join(available)}"
+        )
+    if not torch.cuda.is_available():
+        raise ConfigError("the onnxruntime-cuda runner needs a CUDA GPU visible to torch")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_setting(manifest: Manifest, precision: str, setting: DecodeSetting | None) -> DecodeSetting:
+    """``setting``, or the export's only decode setting at ``precision`` when it is None."""
+    if setting is not None:
+        return setting
+    available = manifest.decode_settings(precision)
+    if len(available) != 1:
+        have = ", ".join(f"{s} x{k}" for k, s in available) or "none"
+        raise ConfigError(f"choose the decode setting: this export has {len(available)} decode graphs at {precision} ({have})")
+    steps, sampler = available[0]
+    return DecodeSetting(steps, sampler)
+
+
+class _Session:
+    """One graph's inference session, run on CPU arrays or bound to CUDA tensors."""
+
+    def __init__(self, ort: Any, path: Path, graph: GraphInfo, provider: str, device: torch.device,
+                 options: Any) -> None:  # fmt: skip
+        if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+            raise ConfigError(f"{graph.file}: a runner graph must have one input and one output")
+        self.graph, self.device = graph, device
+        self.input, self.output = graph.inputs[0].name, graph.outputs[0].name
+        if provider == "cuda":
+            providers: list[Any] = [(PROVIDERS["cuda"], {"device_id": device.index or 0}), PROVIDERS["cpu"]]
+        else:
+            providers = [PROVIDERS["cpu"]]
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        if self.session.get_providers()[0] != PROVIDERS[provider]:
+            raise ConfigError(
+                f"ONNX Runtime could not start its {PROVIDERS[provider]} for {graph.file} (it fell back to "
+                f"{self.session.get_providers()[0]}); check the CUDA and cuDNN libraries onnxruntime-gpu needs"
+            )
+        self.binding = self.session.io_binding() if provider == "cuda" else None
+
+    def __call__(self, x: Tensor, out_shape: tuple[int, ...]) -> Tensor:
+        if self.binding is None:
+            (out,) = self.session.run([self.output], {self.input: x.detach().numpy()})
+            return torch.from_numpy(out)
+        index = self.device.index or 0
+        out = torch.empty(out_shape, dtype=torch.float32, device=self.device)
+        b = self.binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        b.bind_input(name=self.input, device_type="cuda", device_id=index, element_type=np.float32,
+                     shape=tuple(x.shape), buffer_ptr=x.data_ptr())  # fmt: skip
+        b.bind_output(name=self.output, device_type="cuda", device_id=index, element_type=np.float32,
+                      shape=out_shape, buffer_ptr=out.data_ptr())  # fmt: skip
+        torch.cuda.current_stream(self.device).synchronize()  # torch's writes to x are done
+        self.session.run_with_iobinding(b)
+        return out
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX export (see :func:`dbae.export.onnx_export.export_onnx`) served by ONNX Runtime.
+
+    ``setting`` picks the decode graph (None: the export's only one at ``precision``);
+    ``model_config``, when given, must be the configuration the export was made from;
+    ``threads`` sets ONNX Runtime's intra-op threads (None: its default).
+    """
+
+    def __init__(
+        self,
+        export_dir: str | Path,
+        provider: str = "cpu",
+        precision: str = "fp32",
+        setting: DecodeSetting | None = None,
+        *,
+        model_config: ModelConfig | None = None,
+        threads: int | None = None,
+    ) -> None:
+        ort = require_onnxruntime()
+        device = check_provider(provider)
+        export_dir = Path(export_dir)
+        manifest = read_manifest(export_dir)
+        if model_config is not None:
+            manifest.check_config(model_config)
+        setting = resolve_setting(manifest, precision, setting)
+        encoder = manifest.graph("encoder", precision)
+        decoder = manifest.graph("decode", precision, steps=setting.steps, sampler=setting.sampler)
+        c, h, w = manifest.image_shape
+        super().__init__((c, h, w), manifest.z_dim, setting, device)
+        self.name = f"onnxruntime-{provider}"
+        self.manifest, self.provider, self.precision = manifest, provider, precision
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self._encoder = _Session(ort, export_dir / encoder.file, encoder, provider, device, options)
+        self._decoder = _Session(ort, export_dir / decoder.file, decoder, provider, device, options)
+
+    def _encode(self, images: Tensor) -> Tensor:
+        return self._encoder(images, (images.shape[0], self.z_dim))
+
+    def _decode(self, z: Tensor) -> Tensor:
+        return self._decoder(z, (z.shape[0], *self.image_shape))
