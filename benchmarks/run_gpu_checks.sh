@@ -51,11 +51,16 @@ if want build && ! TAIL_LINES=40 step build 300 $py -m pip install --no-build-is
 fi
 $py -c "from dbae import fused_step as fs; print('fused-step report:', fs.report(), 'kernel devices:', fs.KERNEL_DEVICES)" 2>&1 | tee "$out/report.txt"
 
-# pytest-xdist, where installed, keeps going past a test that crashes its worker
-xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 4")
-want tests && TAIL_LINES=30 step tests 110 $py -m pytest -q $xdist -p no:cacheprovider --junitxml="$out/tests.xml" \
+# One line per test as it finishes (-v: a run cut short still says what passed and failed), the
+# failures' tracebacks at the end. pytest-xdist, where installed, keeps going past a test that
+# crashes its worker; pytest-timeout, where installed, stops a hung test.
+plugins=$($py -c "import xdist" 2>/dev/null && echo "-n 4")
+plugins+=$($py -c "import pytest_timeout" 2>/dev/null && echo " --timeout 90")
+# shellcheck disable=SC2086
+want tests && TAIL_LINES=60 step tests "${TESTS_TIMEOUT:-240}" $py -m pytest -v -rfE --tb=short $plugins \
+  -p no:cacheprovider -p no:benchmark --junitxml="$out/tests.xml" \
   tests/test_fused_step.py tests/test_triton_kernels.py tests/test_fused_training.py tests/test_fused_sampling.py \
-  tests/test_runners_torch.py
+  tests/test_runners_torch.py tests/test_ext.py
 
 want bench_step && step bench_step 100 $py benchmarks/bench_sampler_step.py --device cuda --batches 1 16 128 \
   --sizes 64 128 --min-time 0.1 --json "$out/bench_sampler_step.json"

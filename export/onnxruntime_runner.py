@@ -145,6 +145,10 @@ class OnnxRuntimeRunner(Runner):
         self.manifest, self.provider, self.precision = manifest, provider, precision
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
+        # No busy-waiting of idle intra-op threads: the encoder's and the decoder's sessions
+        # each own a pool, and an edit runs one right after the other; spinning threads of one
+        # pool would take the cores from the other (an edit then cost 1.6x encode + decode).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
