@@ -13,7 +13,8 @@
 # With ARCHIVE=path.tgz set, OUTPUT_DIR is packed into that archive after every step (so that a
 # run cut short still leaves everything it finished in one file). CHECKS picks the steps
 # (default: all of build tests bench_step bench_train train latency); BENCH_TRAIN_SIZES the
-# sizes of the training-kernel benchmark.
+# sizes of the training-kernel benchmark; LATENCY_RUNNERS the runners of the latency benchmark
+# (the compiled ones spend minutes in inductor first); *_TIMEOUT the steps' limits in seconds.
 set -u
 out=${1:-runs/gpu_checks}
 mkdir -p "$out"
@@ -76,7 +77,9 @@ if want train; then
   done
 fi
 
-want latency && step latency 100 $py -m dbae.cli.main bench latency --preset ffhq128 --device cuda \
-  --runners eager cuda-graph --steps 4 10 --batches 1 8 --precision bf16 --runs 20 --out "$out/latency"
+# shellcheck disable=SC2086
+want latency && step latency "${LATENCY_TIMEOUT:-400}" $py -m dbae.cli.main bench latency --preset ffhq128 \
+  --device cuda --runners ${LATENCY_RUNNERS:-eager cuda-graph cuda-graph-compiled} --steps 4 10 --batches 1 8 \
+  --precision bf16 --runs 20 --out "$out/latency"
 
 cat "$out/status.txt"

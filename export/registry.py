@@ -30,14 +30,20 @@ from .torch_runners import CUDAGraphRunner, EagerRunner
 RunnerFactory = Callable[[DecodeSetting], Runner]
 
 
-def _eager(model: DBAE, precision: str) -> RunnerFactory:
-    return lambda setting: EagerRunner(model, setting, precision=precision)
+def _eager(compile: bool) -> Callable[[DBAE, str], RunnerFactory]:
+    def make(model: DBAE, precision: str) -> RunnerFactory:
+        return lambda setting: EagerRunner(model, setting, precision=precision, compile=compile)
+
+    return make
 
 
-def _cuda_graph(model: DBAE, precision: str) -> RunnerFactory:
-    if next(model.parameters()).device.type != "cuda":
-        raise ConfigError("runner cuda-graph needs a CUDA device (pass --device cuda on a machine with a GPU)")
-    return lambda setting: CUDAGraphRunner(model, setting, precision=precision)
+def _cuda_graph(compile: bool) -> Callable[[DBAE, str], RunnerFactory]:
+    def make(model: DBAE, precision: str) -> RunnerFactory:
+        if next(model.parameters()).device.type != "cuda":
+            raise ConfigError("runner cuda-graph needs a CUDA device (pass --device cuda on a machine with a GPU)")
+        return lambda setting: CUDAGraphRunner(model, setting, precision=precision, compile=compile)
+
+    return make
 
 
 def _onnx_export(model: DBAE, setting: DecodeSetting, precision: str, folder: Path) -> Path:
@@ -92,8 +98,10 @@ def _tensorrt(model: DBAE, precision: str) -> RunnerFactory:
 
 #: kind -> (make a factory for (model, precision), one-line description)
 KINDS: dict[str, tuple[Callable[[DBAE, str], RunnerFactory], str]] = {
-    "eager": (_eager, "DBAE in eager PyTorch (the baseline)"),
-    "cuda-graph": (_cuda_graph, "encode / decode / edit captured as CUDA graphs (GPU)"),
+    "eager": (_eager(False), "DBAE in eager PyTorch (the baseline)"),
+    "eager-compiled": (_eager(True), "eager, with the networks compiled by torch.compile (inductor)"),
+    "cuda-graph": (_cuda_graph(False), "encode / decode / edit captured as CUDA graphs (GPU)"),
+    "cuda-graph-compiled": (_cuda_graph(True), "CUDA graphs of the torch.compile'd networks (GPU)"),
     "onnxruntime": (_onnxruntime("cpu"), "ONNX export in ONNX Runtime, CPU provider (fp32 or fp16)"),
     "onnxruntime-cuda": (_onnxruntime("cuda"), "ONNX export in ONNX Runtime, CUDA provider with IO binding"),
     "tensorrt": (_tensorrt, "TensorRT engines built from the ONNX export (GPU)"),

@@ -53,6 +53,24 @@ def test_edit_moves_the_latent(model):
     torch.testing.assert_close(runner.edit(x, per_image), runner.decode(runner.encode(x) + per_image))
 
 
+def test_compiled_networks_share_the_weights(model):
+    """The compiled view traces the same networks with the same parameters; the model itself
+    is left as it was. (aot_eager: the tracing without inductor's code generation, which the
+    GPU check script and `dbae bench latency --runners eager-compiled` exercise.)"""
+    from dbae.export.torch_runners import compiled_networks
+
+    view = compiled_networks(model, backend="aot_eager")
+    assert type(model.unet).__name__ == "ScoreUNet" and type(view.unet).__name__ == "OptimizedModule"
+    assert view.unet._orig_mod is model.unet and view.bridge is model.bridge
+    x = _images(2, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(view.encode(x), model.encode(x), rtol=1e-5, atol=1e-5)
+        z = model.encode(x)
+        want = model.decode(z, 2).images
+        torch.testing.assert_close(view.decode(z, 2).images, want, rtol=1e-4, atol=1e-4)
+    assert EagerRunner(model, DecodeSetting(1), compile=True).name == "eager-compiled"
+
+
 @pytest.mark.parametrize("steps", [0, 11, 2.5])
 def test_unsupported_decode_lengths(steps):
     with pytest.raises(ConfigError, match="steps must be an integer from 1 to 10"):
@@ -162,3 +180,18 @@ def test_cuda_graph_runner_matches_eager(model, sampler):
     kept = first.clone()
     graphed.decode(torch.randn(3, model.config.z_dim, device="cuda"))
     assert torch.equal(first, kept)  # a later replay does not overwrite what was returned
+
+
+@cuda
+def test_compiled_cuda_graph_runner_matches_eager(model):
+    """Inductor's kernels captured in the graphs: the same images as eager (to float32
+    reordering, amplified by the sampler's near-cancelling coefficients at t = T and t_min)."""
+    gpu_model = DBAE(model.config).cuda().eval()
+    gpu_model.load_state_dict(model.state_dict())
+    setting = DecodeSetting(2)
+    eager = EagerRunner(gpu_model, setting)
+    graphed = CUDAGraphRunner(gpu_model, setting, precision="fp32", compile=True)
+    assert graphed.name == "cuda-graph-compiled"
+    x = _images(2, seed=5).cuda()
+    torch.testing.assert_close(graphed.encode(x), eager.encode(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(graphed.reconstruct(x), eager.reconstruct(x), rtol=2e-3, atol=2e-3)
