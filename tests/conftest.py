@@ -30,3 +30,18 @@ def trained_tiny(tmp_path_factory) -> Path:
     preset = override(get_preset("tiny16"), steps=TINY_STEPS, sample_every=10_000, ckpt_every=TINY_STEPS)
     Trainer(preset, TrainOptions(out=out, progress=False, eval_images=32, log=lambda m: None)).fit()
     return out
+
+
+#: steps of the shared applications run (shapes16 networks; about a minute on 2 cores)
+SHAPES_STEPS = 1000
+
+
+@pytest.fixture(scope="session")
+def trained_shapes(tmp_path_factory) -> Path:
+    """Run directory of the shapes16 networks trained for SHAPES_STEPS steps (seeded): long
+    enough for z to carry colour, position and size, for the applications' tests (prior,
+    interpolation, attribute directions). Trained once per test session."""
+    out = tmp_path_factory.mktemp("shapes_run")
+    preset = override(get_preset("shapes16"), steps=SHAPES_STEPS, sample_every=10_000, ckpt_every=SHAPES_STEPS)
+    Trainer(preset, TrainOptions(out=out, progress=False, eval_images=32, log=lambda m: None)).fit()
+    return out
