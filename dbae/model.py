@@ -47,12 +47,13 @@ def fused_training(device: torch.device) -> bool:
     return use_triton(device)
 
 
-def fused_sampling(device: torch.device) -> bool:
-    """Whether :meth:`DBAE.decode` runs the fused C++/CUDA sampler steps on ``device``
-    (``DBAE_KERNELS`` decides, see :func:`dbae.fused_step.backend`)."""
+def fused_sampling(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether :meth:`DBAE.decode` runs the fused C++/CUDA sampler steps on ``device`` for a
+    state of ``dtype`` (``DBAE_KERNELS`` decides, see :func:`dbae.fused_step.backend`; the
+    kernels take float32, float16 and bfloat16: a float64 decode runs the reference sampler)."""
     from . import fused_step
 
-    return fused_step.backend(device) != "reference"
+    return dtype in (torch.float32, torch.float16, torch.bfloat16) and fused_step.backend(device) != "reference"
 
 
 def _per_sample(c: Tensor, like: Tensor) -> Tensor:
@@ -180,7 +181,7 @@ class DBAE(nn.Module):
         steps = steps_for_nfe(nfe, sampler, churn)
         if x_T is None:
             x_T = self.endpoint(z)
-        if fused_sampling(x_T.device):
+        if fused_sampling(x_T.device, x_T.dtype):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x_T.device)) if churn > 0 else 0
             result = self.sampler.sample_fused(
                 lambda x, t: self.network_output(x, t, x_T, z).to(x.dtype),

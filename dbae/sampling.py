@@ -3,6 +3,13 @@
 The per-step scalars (k_x, k_D, k_T, g) are computed once on the host in float64; the
 per-element work of a step is the linear combination ``k_x x + k_D D + k_T x_T``
 (:func:`drift`), which fused kernels replace without changing the algorithm.
+
+The drift is evaluated as ``k_x (x - x_T) + k_D (D - x_T) + k_sum x_T`` with
+``k_sum = k_x + k_D + k_T`` summed in float64: the same function, rounded far less. Near
+t = T, k_x and k_T are about -5e3 and +5e3 and cancel to about 1, while x is (close to) x_T;
+summed term by term in float32 they left errors of 2e-4 to 7e-4 in the decoded images,
+which the rewritten form removes (and near t_min, where k_x and k_D cancel, the step dt is
+1e-4, so what remains is negligible).
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ class StepScalars:
     k_D: float
     k_T: float
     g: float
+
+    @property
+    def k_sum(self) -> float:
+        """``k_x + k_D + k_T`` in float64: the coefficient of x_T in the rewritten drift."""
+        return self.k_x + self.k_D + self.k_T
 
 
 
@@ -83,8 +95,9 @@ def steps_for_nfe(nfe: int, sampler: str, churn: float) -> int:
 
 
 def drift(x: Tensor, D: Tensor, x_T: Tensor, k: StepScalars) -> Tensor:
-    """Reference per-element drift ``k_x x + k_D D + k_T x_T``."""
-    return k.k_x * x + k.k_D * D + k.k_T * x_T
+    """Reference per-element drift ``k_x x + k_D D + k_T x_T``, evaluated as
+    ``k_x (x - x_T) + k_D (D - x_T) + k_sum x_T`` (see the module docstring)."""
+    return k.k_x * (x - x_T) + k.k_D * (D - x_T) + k.k_sum * x_T
 
 
 class BridgeSampler:

@@ -233,9 +233,52 @@ def test_drift_helper():
     g = torch.Generator().manual_seed(2)
     x, D, xT = (torch.randn(7, generator=g, dtype=torch.float64) for _ in range(3))
     k = StepScalars(k_x=2.0, k_D=-3.0, k_T=0.5, g=1.0)
-    torch.testing.assert_close(drift(x, D, xT, k), 2 * x - 3 * D + 0.5 * xT, rtol=1e-15, atol=0)
+    torch.testing.assert_close(drift(x, D, xT, k), 2 * x - 3 * D + 0.5 * xT, rtol=1e-14, atol=1e-14)
     # the noise scale g does not enter the drift
     assert torch.equal(drift(x, D, xT, k), drift(x, D, xT, StepScalars(2.0, -3.0, 0.5, 99.0)))
+
+
+def test_drift_is_accurate_in_float32_where_its_coefficients_cancel():
+    """At the first step (t = T - 1e-4, x = x_T) k_x ~ -5e3 and k_T ~ +5e3 cancel to about 1:
+    the float32 drift must still be as accurate as its result (the term-by-term sum
+    k_x x + k_D D + k_T x_T erred by ~3e-4 here)."""
+    sampler = BridgeSampler(VPBridge())
+    ts = karras_grid(4, sampler.config)
+    (k_first,) = sampler.scalars([ts[0]], "ode")
+    assert abs(k_first.k_x) > 4e3 and abs(k_first.k_x + k_first.k_T) < 2
+    g = torch.Generator().manual_seed(3)
+    x_T, D = torch.randn(4096, generator=g, dtype=torch.float64), torch.rand(4096, generator=g, dtype=torch.float64)
+    near = x_T + 1e-3 * torch.randn(4096, generator=g, dtype=torch.float64)  # a later, nearby state
+    # (at t_min, k_x and k_D cancel and the drift errs by ~1e-3, but its step is dt = -1e-4:
+    # 1e-7 in the state, which test_float32_decode_is_close_to_float64 bounds end to end)
+    for k, x in ((k_first, x_T), (k_first, near)):
+        x32, D32, x_T32 = x.float(), D.float(), x_T.float()
+        # exact on the float32 inputs: the error of the evaluation, not of rounding the inputs
+        exact = k.k_x * x32.double() + k.k_D * D32.double() + k.k_T * x_T32.double()
+        scale = float(exact.abs().max())
+        assert float((drift(x32, D32, x_T32, k).double() - exact).abs().max()) < 1e-5 * max(scale, 1.0)
+
+
+def test_float32_decode_is_close_to_float64():
+    """The whole decode in float32 against float64 (reference sampler): the rounding left is
+    that of the networks and the state, about 1e-6 (it was 2e-4 to 7e-4 before the drift was
+    rewritten); a float64 model decodes on the reference sampler, the kernels have no float64."""
+    import copy
+
+    from dbae.config import get_preset
+    from dbae.model import DBAE
+
+    torch.manual_seed(0)
+    model = DBAE(get_preset("tiny16").model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # no zero-initialised layer hides the sampler's work
+        model64 = copy.deepcopy(model).double()
+        z = torch.randn(4, model.config.z_dim, generator=torch.Generator().manual_seed(1))
+        for sampler_name, nfe in (("euler", 3), ("euler", 10), ("heun", 5)):
+            exact = model64.decode(z.double(), nfe, sampler=sampler_name).images
+            got = model.decode(z, nfe, sampler=sampler_name).images.double()
+            assert float((got - exact).abs().max()) < 5e-5, sampler_name
 
 
 # ---------------------------------------------------------------------------

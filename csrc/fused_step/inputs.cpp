@@ -33,7 +33,7 @@ at::Tensor empty_output(const at::Tensor& like) {
 StepCoeffs step_coeffs(double c_skip, double c_out, double k_x, double k_D, double k_T, double dt, bool clamp) {
   const float bound = clamp ? 1.0f : std::numeric_limits<float>::infinity();
   return {static_cast<float>(c_skip), static_cast<float>(c_out), -bound, bound, static_cast<float>(k_x),
-          static_cast<float>(k_D), static_cast<float>(k_T), static_cast<float>(dt)};
+          static_cast<float>(k_D), static_cast<float>(k_x + k_D + k_T), static_cast<float>(dt)};
 }
 
 NoiseParams noise_params(double noise_scale, int64_t seed, int64_t offset) {
