@@ -184,8 +184,8 @@ def test_cuda_graph_runner_matches_eager(model, sampler):
 
 @cuda
 def test_compiled_cuda_graph_runner_matches_eager(model):
-    """Inductor's kernels captured in the graphs: the same images as eager (to float32
-    reordering, amplified by the sampler's near-cancelling coefficients at t = T and t_min)."""
+    """Inductor's kernels captured in the graphs: the same images as eager, to float32
+    reordering and FMA contraction."""
     gpu_model = DBAE(model.config).cuda().eval()
     gpu_model.load_state_dict(model.state_dict())
     setting = DecodeSetting(2)
@@ -194,4 +194,4 @@ def test_compiled_cuda_graph_runner_matches_eager(model):
     assert graphed.name == "cuda-graph-compiled"
     x = _images(2, seed=5).cuda()
     torch.testing.assert_close(graphed.encode(x), eager.encode(x), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(graphed.reconstruct(x), eager.reconstruct(x), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(graphed.reconstruct(x), eager.reconstruct(x), rtol=2e-4, atol=2e-4)
