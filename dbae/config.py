@@ -103,8 +103,13 @@ class TrainConfig:
     #: "shapes" (built-in procedural data) or a path to an image folder
     dataset: str = "shapes"
     num_workers: int = 0
+    #: weight of the total-correlation penalty on z (DBAE+TC, SPEC 5); 0 turns it off.
+    #: Needs the stochastic encoder (see dbae.losses.tc).
+    tc_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (self.tc_weight >= 0.0):
+            raise ConfigError(f"tc_weight must be >= 0, got {self.tc_weight}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("batch_size", "steps", "log_every", "sample_every", "ckpt_every", "sample_nfe"):

@@ -10,7 +10,8 @@ from torch import nn
 
 from .bridge import Preconditioning, VPBridge
 from .config import ModelConfig
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .losses import total_correlation
 from .nn import Decoder, Encoder, ScoreUNet, count_parameters
 from .sampling import BridgeSampler, SampleResult, SamplerName, steps_for_nfe
 
@@ -30,6 +31,12 @@ class ReconstructionResult:
     z: Tensor
     nfe: int
     steps: int
+
+
+TC_NEEDS_STOCHASTIC = (
+    "the total-correlation penalty (tc_weight > 0) needs the stochastic encoder "
+    "(encoder.stochastic = true): its estimator uses the Gaussians q(z|x)"
+)
 
 
 def fused_training(device: torch.device) -> bool:
@@ -81,12 +88,19 @@ class DBAE(nn.Module):
 
     def encode(self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """z for images x in [-1, 1]. The mean of a stochastic encoder unless ``sample``."""
+        return self._posterior(x, sample=sample, generator=generator)[0]
+
+    def _posterior(
+        self, x: Tensor, *, sample: bool, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(z, mu, sig): the encoder's mean and scale (sig None for DBAE-d) and z, a
+        reparameterized sample mu + sig eps when ``sample`` and stochastic, else mu."""
         self.check_images(x)
         mu, sig = self.encoder(x)
         if sample and sig is not None:
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            return mu + sig * eps
-        return mu
+            return mu + sig * eps, mu, sig
+        return mu, mu, sig
 
     def endpoint(self, z: Tensor) -> Tensor:
         """x_T = Dec(z)."""
@@ -113,7 +127,12 @@ class DBAE(nn.Module):
 
     # ----- training objective (SPEC 5) -----
     def loss(
-        self, x0: Tensor, *, generator: torch.Generator | None = None, noise_seed: int | None = None
+        self,
+        x0: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        noise_seed: int | None = None,
+        tc_weight: float = 0.0,
     ) -> LossOutput:
         """The DBAE loss of a batch (SPEC 5), with logged terms.
 
@@ -121,10 +140,19 @@ class DBAE(nn.Module):
         ``generator`` on the reference path; the fused Triton path (CUDA, see
         :func:`fused_training`) makes it in-kernel from ``noise_seed`` (drawn from
         ``generator`` when not given) and never stores it.
+
+        ``tc_weight > 0`` adds ``tc_weight * TC`` (DBAE+TC): the minibatch-weighted
+        estimate of the total correlation of q(z) (:func:`dbae.losses.total_correlation`),
+        logged as ``tc``. It needs the stochastic encoder (the estimator's densities are
+        its Gaussians q(z|x)); with DBAE-d it raises ConfigError.
         """
         self.check_images(x0)
         B = x0.shape[0]
-        z = self.encode(x0, sample=self.encoder.stochastic, generator=generator)
+        if tc_weight < 0:
+            raise ConfigError(f"tc_weight must be >= 0, got {tc_weight}")
+        if tc_weight > 0 and not self.encoder.stochastic:
+            raise ConfigError(TC_NEEDS_STOCHASTIC)
+        z, mu, sig = self._posterior(x0, sample=self.encoder.stochastic, generator=generator)
         x_T = self.endpoint(z)
         t = self.bridge.sample_t(B, generator=generator, device=x0.device)
         if fused_training(x0.device):
@@ -142,6 +170,12 @@ class DBAE(nn.Module):
             "z_std": z.detach().float().std(),
             "x_T_std": x_T.detach().float().std(),
         }
+        if tc_weight > 0:
+            assert sig is not None
+            tc = total_correlation(z, mu, sig)
+            loss = loss + tc_weight * tc
+            logs["tc"] = tc.detach()
+            logs["loss"] = loss.detach()
         return LossOutput(loss, logs)
 
     def _fused_loss_terms(

@@ -113,7 +113,7 @@ def bench_latency(
                                                                       warmup=warmup, runs=runs)))
                 add(_row(name, "edit", batch, setting, time_calls(lambda: runner.edit(images, direction, 2.0), sync,
                                                                     warmup=warmup, runs=runs)))
-            del runner
+            runner = None  # release its graphs or sessions before the next K
     return rows
 
 

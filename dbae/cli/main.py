@@ -7,9 +7,15 @@ import sys
 
 from ..errors import DBAEError
 from . import bench, encode, export, info, reconstruct, train
+from . import generate, infer_latents, train_prior
+from . import interpolate, manipulate, train_classifier
+from . import eval as eval_cmd
 
 COMMANDS = {"train": train, "reconstruct": reconstruct, "encode": encode, "info": info, "bench": bench,
-            "export": export}
+            "export": export,
+            "infer-latents": infer_latents, "train-prior": train_prior, "generate": generate,
+            "interpolate": interpolate, "train-classifier": train_classifier, "manipulate": manipulate,
+            "eval": eval_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

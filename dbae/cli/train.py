@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-every", type=int, help="steps between reconstruction grids")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--tc-weight", type=float,
+                   help="weight of the total-correlation penalty on z (DBAE+TC; stochastic encoder only; default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
         precision=args.precision, seed=args.seed, dataset=args.dataset, log_every=args.log_every,
         sample_every=args.sample_every, ckpt_every=args.ckpt_every, num_workers=args.num_workers,
+        tc_weight=args.tc_weight,
     )
     out = args.out or Path("runs") / preset.name
     result = train(

@@ -118,6 +118,27 @@ def save_checkpoint(
     return Path(path)
 
 
+def read_tagged_safetensors(path: Path, file_format: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file whose metadata ``format`` is ``file_format``.
+
+    CheckpointError when the file is corrupt, truncated, not safetensors, or of another
+    format (``what`` names the kind of file in the message, e.g. "dbae prior").
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
+    if meta.get("format") != file_format:
+        raise CheckpointError(f"{path} is not a {what} (format {meta.get('format')!r}, expected {file_format!r})")
+    return meta, tensors
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():

@@ -24,7 +24,7 @@ from ..data import build_dataset
 from ..errors import ConfigError, TrainingDiverged
 from ..imageio import save_grid
 from ..metrics import summarize
-from ..model import DBAE
+from ..model import DBAE, TC_NEEDS_STOCHASTIC
 from .batches import StepBatchSampler, step_seed
 from .checkpoint import (
     atomic_write_text,
@@ -126,6 +126,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.device = resolve_device(options.device)
         cfg = preset.train
+        if cfg.tc_weight > 0 and not preset.model.encoder.stochastic:
+            raise ConfigError(TC_NEEDS_STOCHASTIC)
         self.amp_dtype = AMP_DTYPES.get(cfg.precision) if self.device.type == "cuda" else None
 
         torch.manual_seed(cfg.seed)  # the initial weights are part of what the seed fixes
@@ -199,7 +201,8 @@ class Trainer:
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
         with autocast:
-            out = self.model.loss(x0, generator=generator, noise_seed=step_seed(cfg.seed, self.step, stream=2))
+            out = self.model.loss(x0, generator=generator, noise_seed=step_seed(cfg.seed, self.step, stream=2),
+                                  tc_weight=cfg.tc_weight)
         loss = out.loss
         if not torch.isfinite(loss):
             raise TrainingDiverged(
