@@ -4,6 +4,10 @@
 - :mod:`.diffae`: DiffAE (Preechakul et al. 2022): semantic encoder + z-conditioned eps U-Net.
 - :mod:`.config`: typed configs and presets mirroring :mod:`dbae.config`.
 - :mod:`.train`: a minimal seeded training loop with EMA and safetensors checkpoints.
+- :mod:`.pdae`, :mod:`.pdae_config`, :mod:`.pdae_train`: PDAE (Zhang et al. 2022): a frozen
+  unconditional DDPM plus an encoder and a gradient estimator that shifts its eps; two-stage
+  training.
+- :mod:`.compare`: ``dbae bench compare``, the paper's Table 5 and Table 2 settings measured here.
 """
 
 from __future__ import annotations
@@ -11,11 +15,16 @@ from __future__ import annotations
 from .config import DIFFAE_PRESETS, DiffAEConfig, DiffAEPreset, DiffAETrainConfig, diffae_preset
 from .ddim import DDIMResult, DDPMSchedule, ScheduleConfig, gaussian_eps
 from .diffae import DiffAE, Decoding, DiffAELoss, Inversion, Reconstruction, ZConditionedUNet
+from .pdae import PDAE, GradientUNet, PDAEDecoding, PDAEInversion, PDAELoss, PDAEReconstruction, UnconditionalUNet
+from .pdae_config import PDAE_PRESETS, PDAEConfig, PDAEPreset, pdae_preset
+from .pdae_train import PDAETrainResult, load_pdae, read_pdae_checkpoint, save_pdae, train_ddpm, train_pdae
 from .train import DiffAETrainResult, load_diffae, save_diffae, train_diffae
 
 __all__ = [
     "DDIMResult", "DDPMSchedule", "DIFFAE_PRESETS", "Decoding", "DiffAE", "DiffAEConfig", "DiffAELoss",
     "DiffAEPreset", "DiffAETrainConfig", "DiffAETrainResult", "Inversion", "Reconstruction",
     "ScheduleConfig", "ZConditionedUNet", "diffae_preset", "gaussian_eps", "load_diffae", "save_diffae",
-    "train_diffae",
+    "train_diffae", "PDAE", "GradientUNet", "PDAEDecoding", "PDAEInversion", "PDAELoss", "PDAEReconstruction",
+    "UnconditionalUNet", "PDAE_PRESETS", "PDAEConfig", "PDAEPreset", "pdae_preset", "PDAETrainResult", "load_pdae",
+    "read_pdae_checkpoint", "save_pdae", "train_ddpm", "train_pdae",
 ]

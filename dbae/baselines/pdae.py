@@ -1,0 +1,347 @@
+"""PDAE (Zhang et al. 2022, "Unsupervised Representation Learning from Pre-trained Diffusion
+Probabilistic Models"; official code github.com/ckczzj/PDAE) built from DBAE's own networks,
+as the baseline of the DBAE paper's Tables 1, 2, 5, 9, 10.
+
+Model:
+
+- a pre-trained, then frozen, unconditional DDPM ``eps_theta(x_t, t)``:
+  :class:`UnconditionalUNet`, our :class:`dbae.nn.ScoreUNet` (ADM layout) with the C image
+  channels as its only input and no z input (``emb = MLP(sinusoidal(t))``);
+- a deterministic encoder ``z = E_phi(x_0)``: :class:`dbae.nn.Encoder`;
+- a gradient estimator ``G_psi(x_t, z, t)`` (PDAE's "decoder"), approximating the classifier
+  gradient ``grad_{x_t} log p(z | x_t)``: :class:`GradientUNet`, a z-conditioned ScoreUNet
+  (``emb = MLP(sinusoidal(t)) + Linear(z)``) with its own weights. Its output conv is
+  zero-initialised (as PDAE's ``shift_out``), so before training ``G = 0`` and the model is
+  exactly the pre-trained DDPM.
+
+Difference from the official code, on purpose (shared backbone): PDAE's ShiftUNet reuses the
+frozen U-Net's time embedding and encoder-half features and trains only a second middle block
+and decoder half (one shared forward gives eps and G). Here G is a complete second U-Net fed
+x_t directly (about one U-Net more parameters, the same input/outputs and the same role).
+
+Mean shift (classifier guidance, Dhariwal & Nichol 2021): the z-conditional reverse mean is
+``mu_theta(x_t, t) + Sigma_t G_psi(x_t, z, t)``; in eps form
+
+    eps(x_t, t, z) = eps_theta(x_t, t) - coeff(t) * G_psi(x_t, z, t)        (:meth:`PDAE.shifted_eps`)
+
+with two coefficients, exactly as in the official code:
+
+- training (PDAE eq. 9, ``GaussianDiffusion.shift_coef``): ``Sigma_t = beta~_t`` (posterior
+  variance) gives ``coeff_train(t) = sqrt(alpha_t) (1 - abar_{t-1}) / sqrt(1 - abar_t)``
+  (``abar_{-1} = 1``, so G is not used at t = 0); ``train_shift="score"`` uses
+  ``sqrt(1 - abar_t)`` instead;
+- DDIM sampling and inversion (``DDIM.shift_ddim_sample`` / ``shift_ddim_encode``):
+  ``coeff_sample(t) = sqrt(1 - abar_t)``, the exact score identity
+  ``eps(x_t|z) = -sqrt(1 - abar_t) grad log p(x_t | z) = eps(x_t) - sqrt(1 - abar_t) grad log p(z | x_t)``.
+
+Training (two stages; :mod:`.pdae_train`): (1) the plain DDPM, ``mean ||eps_theta(x_t, t) - eps||^2``;
+(2) with eps_theta frozen (no gradients, eval mode), encoder and G jointly minimise PDAE's
+weighted loss ``mean lambda_t ||eps_theta(x_t, t) - coeff_train(t) G_psi(x_t, E(x_0), t) - eps||^2``
+with ``lambda_t = SNR_t^gamma / (1 + SNR_t)``, ``SNR_t = abar_t / (1 - abar_t)``, gamma = 0.1.
+
+Inference (:mod:`.ddim`, with clipping of x0_hat as in the official DDIM): x_T by DDIM
+inversion of x_0 under the shifted eps; decoding by deterministic DDIM from x_T (inferred, or
+x_T ~ N(0, I) for the "random x_T" rows). Defaults: 100 inversion steps and 100 decoding
+steps (the PDAE paper's autoencoding setting); the DBAE paper also quotes 1000 and 500
+(Table 5: 500 + 500).
+
+NFE convention: ``nfe`` counts sampler steps, i.e. evaluations of the shifted eps; each one
+is one forward pass of eps_theta AND one of G_psi (the official decoder call returns both),
+so ``network_evals = 2 * nfe`` (the DBAE paper's Table 5 lists PDAE's NFE per network:
+Dec_psi 500 and score 500). The encoder pass is counted apart (never an NFE).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from ..config import UNetConfig
+from ..errors import ConfigError, DataError
+from ..nn import Encoder, ScoreUNet, count_parameters
+from .ddim import DDPMSchedule, check_steps
+from .pdae_config import PDAEConfig
+
+Tensor = torch.Tensor
+CoefKind = Literal["sample", "train"]
+
+#: PDAE's autoencoding defaults: 100-step DDIM inversion, 100-step decoding
+DEFAULT_INVERSION_STEPS = 100
+DEFAULT_DECODE_STEPS = 100
+#: inversion step counts the DBAE paper quotes for PDAE
+PAPER_INVERSION_STEPS = (1000, 500, 100)
+
+
+class _NoZ(nn.Module):
+    """Stands in for ScoreUNet's ``z_embed``: adds nothing to the time embedding."""
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z.new_zeros(())
+
+
+class UnconditionalUNet(ScoreUNet):
+    """The unconditional eps network ``eps_theta(x_t, t)``: a ScoreUNet whose input conv takes
+    the C image channels only and which has no z embedding. ``forward(x_t, t)`` with integer
+    (or float) timesteps t (B,)."""
+
+    def __init__(self, cfg: UNetConfig, image_size: int, image_channels: int) -> None:
+        super().__init__(cfg, image_size, image_channels, 1)
+        self.input_blocks[0][0] = nn.Conv2d(image_channels, cfg.base_channels, 3, padding=1)
+        self.z_embed = _NoZ()
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x_t, t.to(torch.float32), x_t[:, :0], x_t[:, 0, 0, :0])
+
+
+class GradientUNet(ScoreUNet):
+    """The gradient estimator ``G_psi(x_t, z, t)``: a z-conditioned ScoreUNet on the C image
+    channels (zero-initialised output, so G = 0 at initialisation). ``forward(x_t, t, z)``."""
+
+    def __init__(self, cfg: UNetConfig, image_size: int, image_channels: int, z_dim: int) -> None:
+        super().__init__(cfg, image_size, image_channels, z_dim)
+        self.input_blocks[0][0] = nn.Conv2d(image_channels, cfg.base_channels, 3, padding=1)
+
+    def forward(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x_t, t.to(torch.float32), x_t[:, :0], z)
+
+
+class PDAELoss(NamedTuple):
+    loss: Tensor  # scalar, differentiable
+    logs: dict[str, Tensor]  # detached scalars
+    eps_nfe: int  # eps_theta evaluations (1)
+    gradient_nfe: int  # G_psi evaluations (0 for the DDPM loss, 1 for the PDAE loss)
+
+
+class PDAEInversion(NamedTuple):
+    x_T: Tensor
+    nfe: int  # shifted-eps evaluations (steps)
+    network_evals: int  # eps_theta + G_psi forward passes (2 * nfe)
+
+
+class PDAEDecoding(NamedTuple):
+    images: Tensor  # clamped to [-1, 1]
+    x_T: Tensor
+    nfe: int
+    network_evals: int
+
+
+class PDAEReconstruction(NamedTuple):
+    images: Tensor  # clamped to [-1, 1]
+    z: Tensor
+    x_T: Tensor
+    nfe: int  # inversion_nfe + decode_nfe (shifted-eps evaluations)
+    inversion_nfe: int
+    decode_nfe: int
+    network_evals: int  # 2 * nfe (eps_theta + G_psi); the one encoder pass is apart
+
+
+class PDAE(nn.Module):
+    """The PDAE autoencoder (module docstring): ``eps_net`` (frozen pre-trained DDPM),
+    ``encoder`` and ``gradient_net`` (G). Methods validate shapes (DataError) and step counts
+    (ConfigError) and report their exact NFE."""
+
+    def __init__(self, config: PDAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        size, ch, zd = config.image_size, config.image_channels, config.z_dim
+        self.eps_net = UnconditionalUNet(config.unet, size, ch)
+        self.encoder = Encoder(config.encoder, size, ch, zd)
+        self.gradient_net = GradientUNet(config.gradient_unet, size, ch, zd)
+        self.schedule = DDPMSchedule(config.schedule)
+        ab = self.schedule.alphas_bar
+        ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        alphas = 1.0 - self.schedule.betas
+        #: sqrt(1 - abar_t): DDIM sampling / inversion (float64)
+        self.sample_coef = (1.0 - ab).sqrt()
+        if config.train_shift == "posterior":
+            #: sqrt(alpha_t) (1 - abar_{t-1}) / sqrt(1 - abar_t): PDAE's training shift_coef
+            self.train_coef = alphas.sqrt() * (1.0 - ab_prev) / (1.0 - ab).sqrt()
+        else:
+            self.train_coef = self.sample_coef.clone()
+        snr = ab / (1.0 - ab)
+        #: lambda_t = SNR_t^gamma / (1 + SNR_t)
+        self.loss_weight = snr**config.weight_gamma / (1.0 + snr)
+        self._ddpm_frozen = False
+
+    # ----- freezing -----
+    def freeze_ddpm(self) -> "PDAE":
+        """Freeze the pre-trained eps network: no gradients, eval mode from now on (also after
+        :meth:`train`)."""
+        self._ddpm_frozen = True
+        self.eps_net.requires_grad_(False).eval()
+        return self
+
+    @property
+    def ddpm_frozen(self) -> bool:
+        return self._ddpm_frozen
+
+    def train(self, mode: bool = True) -> "PDAE":
+        super().train(mode)
+        if self._ddpm_frozen:
+            self.eps_net.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the PDAE objective trains: encoder and G."""
+        return [*self.encoder.parameters(), *self.gradient_net.parameters()]
+
+    # ----- checks -----
+    def check_images(self, x: Tensor, what: str = "images") -> None:
+        c, s = self.config.image_channels, self.config.image_size
+        if x.dim() != 4 or x.shape[1] != c or x.shape[2] != s or x.shape[3] != s:
+            raise DataError(f"{what} must have shape (B, {c}, {s}, {s}) for this model, got {tuple(x.shape)}")
+
+    def check_latents(self, z: Tensor) -> None:
+        if z.dim() != 2 or z.shape[1] != self.config.z_dim:
+            raise DataError(f"z must have shape (B, {self.config.z_dim}) for this model, got {tuple(z.shape)}")
+
+    @staticmethod
+    def _check_batch(z: Tensor, batch: int) -> None:
+        if z.shape[0] != batch:
+            raise DataError(f"z holds {z.shape[0]} latents for a batch of {batch} images")
+
+    # ----- pieces -----
+    def encode(self, x: Tensor) -> Tensor:
+        """z = E(x) (B, z_dim) for images in [-1, 1]. One encoder pass, NFE 0."""
+        self.check_images(x)
+        return self.encoder(x)[0]
+
+    def coef(self, t: Tensor, kind: CoefKind, like: Tensor) -> Tensor:
+        """coeff(t) of ``kind`` ("sample": sqrt(1 - abar_t); "train": PDAE's training
+        coefficient) shaped (B, 1, ..., 1) like ``like``."""
+        if kind == "sample":
+            table = self.sample_coef
+        elif kind == "train":
+            table = self.train_coef
+        else:
+            raise ConfigError(f"coefficient kind must be 'sample' or 'train', got {kind!r}")
+        return table.to(like.device)[t.long()].view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+    def shifted_eps(self, x_t: Tensor, t: Tensor, z: Tensor, kind: CoefKind = "sample") -> Tensor:
+        """``eps_theta(x_t, t) - coeff(t) G_psi(x_t, z, t)``: one eps_theta and one G_psi
+        evaluation (one NFE)."""
+        eps = self.eps_net(x_t, t).to(x_t.dtype)
+        grad = self.gradient_net(x_t, t, z).to(x_t.dtype)
+        return eps - self.coef(t, kind, x_t) * grad
+
+    # ----- training -----
+    def _noisy(self, x0: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        t = self.schedule.sample_t(x0.shape[0], generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return t, noise, self.schedule.q_sample(x0, t, noise)
+
+    def ddpm_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> PDAELoss:
+        """Stage 1, the plain DDPM: ``mean ||eps_theta(x_t, t) - eps||^2`` (1 eps_theta NFE)."""
+        self.check_images(x0)
+        if self._ddpm_frozen:
+            raise ConfigError("the DDPM of this PDAE is frozen; train it before freeze_ddpm()")
+        t, noise, x_t = self._noisy(x0, generator)
+        loss = (self.eps_net(x_t, t).float() - noise.float()).square().mean()
+        return PDAELoss(loss, {"loss": loss.detach()}, 1, 0)
+
+    def loss(self, x0: Tensor, generator: torch.Generator | None = None) -> PDAELoss:
+        """Stage 2, PDAE's weighted loss (module docstring) with ``t ~ U{0..T-1}`` and
+        ``eps ~ N(0, I)`` from ``generator``. eps_theta runs without gradients (frozen);
+        gradients reach only the encoder and G. One eps_theta and one G_psi evaluation."""
+        self.check_images(x0)
+        z = self.encode(x0)
+        t, noise, x_t = self._noisy(x0, generator)
+        with torch.no_grad():
+            eps = self.eps_net(x_t, t).float()
+        grad = self.gradient_net(x_t, t, z).float()
+        pred = eps - self.coef(t, "train", grad) * grad
+        weight = self.loss_weight.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1))).float()
+        loss = (weight * (pred - noise.float()).square()).mean()
+        logs = {"loss": loss.detach(), "z_std": z.detach().float().std()}
+        return PDAELoss(loss, logs, 1, 1)
+
+    # ----- inference -----
+    @torch.no_grad()
+    def infer_x_T(
+        self,
+        x: Tensor,
+        z: Tensor | None = None,
+        steps: int = DEFAULT_INVERSION_STEPS,
+        *,
+        clip: bool = True,
+        progress: bool = False,
+    ) -> PDAEInversion:
+        """x_T of images ``x`` by DDIM inversion under the shifted eps with ``z`` (``E(x)``
+        when not given): exactly ``steps`` NFE (``2 * steps`` network evaluations)."""
+        self.check_images(x)
+        steps = check_steps(steps, self.schedule.timesteps, "inversion steps")
+        if z is None:
+            z = self.encode(x)
+        self.check_latents(z)
+        self._check_batch(z, x.shape[0])
+        out = self.schedule.invert(lambda xt, t: self.shifted_eps(xt, t, z), x, steps, clip=clip, progress=progress)
+        return PDAEInversion(out.x, out.nfe, 2 * out.nfe)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        z: Tensor,
+        x_T: Tensor | None = None,
+        steps: int = DEFAULT_DECODE_STEPS,
+        *,
+        generator: torch.Generator | None = None,
+        clip: bool = True,
+        progress: bool = False,
+    ) -> PDAEDecoding:
+        """Images from z by deterministic DDIM under the shifted eps from ``x_T``
+        (``x_T ~ N(0, I)`` from ``generator`` when None): exactly ``steps`` NFE."""
+        self.check_latents(z)
+        steps = check_steps(steps, self.schedule.timesteps, "decode steps")
+        c, s = self.config.image_channels, self.config.image_size
+        if x_T is None:
+            p = next(self.parameters())
+            x_T = torch.randn((z.shape[0], c, s, s), generator=generator, device=z.device, dtype=p.dtype)
+        else:
+            self.check_images(x_T, "x_T")
+            self._check_batch(z, x_T.shape[0])
+        out = self.schedule.sample(lambda xt, t: self.shifted_eps(xt, t, z), x_T, steps, clip=clip, progress=progress)
+        return PDAEDecoding(out.x.clamp(-1.0, 1.0), x_T, out.nfe, 2 * out.nfe)
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        x: Tensor,
+        inversion_steps: int = DEFAULT_INVERSION_STEPS,
+        decode_steps: int = DEFAULT_DECODE_STEPS,
+        *,
+        random_x_T: bool = False,
+        generator: torch.Generator | None = None,
+        clip: bool = True,
+        progress: bool = False,
+    ) -> PDAEReconstruction:
+        """Encode, infer x_T (``inversion_steps`` NFE; skipped with ``random_x_T``, which draws
+        x_T ~ N(0, I) from ``generator`` instead), decode (``decode_steps`` NFE)."""
+        self.check_images(x)
+        if not random_x_T:
+            check_steps(inversion_steps, self.schedule.timesteps, "inversion steps")
+        check_steps(decode_steps, self.schedule.timesteps, "decode steps")
+        z = self.encode(x)
+        if random_x_T:
+            inv_nfe, x_T = 0, None
+        else:
+            x_T, inv_nfe, _ = self.infer_x_T(x, z, inversion_steps, clip=clip, progress=progress)
+        dec = self.decode(z, x_T, decode_steps, generator=generator, clip=clip, progress=progress)
+        nfe = inv_nfe + dec.nfe
+        return PDAEReconstruction(dec.images, z, dec.x_T, nfe, inv_nfe, dec.nfe, 2 * nfe)
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {
+            "eps_net": count_parameters(self.eps_net),
+            "gradient_net": count_parameters(self.gradient_net),
+            "encoder": count_parameters(self.encoder),
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+__all__ = [
+    "DEFAULT_DECODE_STEPS", "DEFAULT_INVERSION_STEPS", "GradientUNet", "PAPER_INVERSION_STEPS", "PDAE",
+    "PDAEDecoding", "PDAEInversion", "PDAELoss", "PDAEReconstruction", "UnconditionalUNet",
+]

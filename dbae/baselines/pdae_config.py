@@ -1,0 +1,147 @@
+"""Typed configuration of the PDAE baseline, with presets mirroring :mod:`dbae.config`.
+
+A PDAE preset takes the image size, latent size, U-Net and encoder of the DBAE preset of
+the same name (as :func:`dbae.baselines.config.diffae_preset` does): the pre-trained
+unconditional eps network and the gradient estimator G both use that U-Net layout (PDAE's
+official code builds its shift decoder from the same ADM configuration as the pre-trained
+model); the encoder is deterministic. Two training stages, each with its own settings:
+``ddpm_train`` (the plain DDPM, PDAE's "pre-trained" model) and ``train`` (encoder + G with
+the DDPM frozen). Both follow the DBAE preset (batch size, learning rate, EMA, steps, seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from ..config import PRESETS as DBAE_PRESETS
+from ..config import EncoderConfig, ModelConfig, UNetConfig, get_preset, to_dict
+from ..errors import ConfigError
+from .config import DiffAETrainConfig, _build
+from .ddim import ScheduleConfig
+
+#: ``"posterior"``: PDAE's official training coefficient sqrt(alpha_t) (1 - abar_{t-1}) / sqrt(1 - abar_t)
+#: (mean shift Sigma_t G with Sigma_t the posterior variance beta~_t); ``"score"``: sqrt(1 - abar_t),
+#: the coefficient its DDIM sampler/inverter uses (see :mod:`dbae.baselines.pdae`).
+TrainShift = Literal["posterior", "score"]
+
+
+def _deterministic_encoder() -> EncoderConfig:
+    return EncoderConfig(stochastic=False)
+
+
+@dataclass(frozen=True)
+class PDAEConfig:
+    """PDAE networks: the unconditional eps U-Net (``unet``), the z-conditioned gradient
+    estimator U-Net (``gradient_unet``), a deterministic encoder x -> z (``z_dim``), the
+    DDPM schedule, PDAE's loss weighting ``lambda_t = SNR_t^gamma / (1 + SNR_t)`` with
+    ``weight_gamma`` (official value 0.1) and the training shift coefficient ``train_shift``."""
+
+    image_size: int = 128
+    image_channels: int = 3
+    z_dim: int = 512
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    gradient_unet: UNetConfig = field(default_factory=UNetConfig)
+    encoder: EncoderConfig = field(default_factory=_deterministic_encoder)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    weight_gamma: float = 0.1
+    train_shift: TrainShift = "posterior"
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size & (size - 1):
+            raise ConfigError(f"image_size must be a power of two >= 8, got {size!r}")
+        for name in ("unet", "gradient_unet", "encoder"):
+            if size % (2 ** (len(getattr(self, name).channel_mult) - 1)):
+                raise ConfigError(f"{name}.channel_mult has too many levels for image_size {size}")
+        if self.image_channels < 1:
+            raise ConfigError(f"image_channels must be positive, got {self.image_channels}")
+        if self.z_dim < 1:
+            raise ConfigError(f"z_dim must be positive, got {self.z_dim}")
+        if self.encoder.stochastic:
+            raise ConfigError("PDAE's encoder is deterministic: set encoder.stochastic = false")
+        if not (0.0 <= self.weight_gamma <= 1.0):
+            raise ConfigError(f"weight_gamma must lie in [0, 1], got {self.weight_gamma}")
+        if self.train_shift not in ("posterior", "score"):
+            raise ConfigError(f"train_shift must be 'posterior' or 'score', got {self.train_shift!r}")
+
+    @classmethod
+    def from_model_config(cls, model: ModelConfig, schedule: ScheduleConfig | None = None) -> "PDAEConfig":
+        """The PDAE counterpart of a DBAE model: same image size, z_dim, U-Net (for both the
+        eps network and G) and encoder (made deterministic)."""
+        return cls(
+            image_size=model.image_size,
+            image_channels=model.image_channels,
+            z_dim=model.z_dim,
+            unet=model.unet,
+            gradient_unet=model.unet,
+            encoder=dataclasses.replace(model.encoder, stochastic=False),
+            schedule=schedule or ScheduleConfig(),
+        )
+
+
+@dataclass(frozen=True)
+class PDAEPreset:
+    """``ddpm_train``: stage 1 (the unconditional DDPM); ``train``: stage 2 (encoder + G)."""
+
+    name: str
+    model: PDAEConfig
+    ddpm_train: DiffAETrainConfig
+    train: DiffAETrainConfig
+
+
+def pdae_preset(name: str) -> PDAEPreset:
+    """The PDAE preset mirroring DBAE preset ``name`` (``celeba64``, ``ffhq128``, ``horse128``,
+    ``bedroom128``, ``shapes32``, ``shapes16``, ``tiny16``), or ``tiny8``: a minimal CPU model
+    (8x8 images, 8-dim z) for smoke tests."""
+    if name == "tiny8":
+        return _tiny8()
+    if name not in DBAE_PRESETS:
+        choices = ", ".join(sorted([*DBAE_PRESETS, "tiny8"]))
+        raise ConfigError(f"unknown PDAE preset {name!r}; choose one of: {choices}")
+    p = get_preset(name)
+    t = p.train
+    train = DiffAETrainConfig(
+        batch_size=t.batch_size, lr=t.lr, ema_decay=t.ema_decay, grad_clip=t.grad_clip,
+        steps=t.steps, seed=t.seed, log_every=t.log_every, ckpt_every=t.ckpt_every,
+    )
+    return PDAEPreset(name, PDAEConfig.from_model_config(p.model), train, train)
+
+
+def _tiny8() -> PDAEPreset:
+    unet = UNetConfig(
+        base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+        num_head_channels=16, dropout=0.0, num_groups=4,
+    )
+    model = PDAEConfig(
+        image_size=8,
+        z_dim=8,
+        unet=unet,
+        gradient_unet=unet,
+        encoder=EncoderConfig(
+            base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+            num_head_channels=16, num_groups=4, stochastic=False,
+        ),
+    )
+    train = DiffAETrainConfig(batch_size=32, lr=2e-3, ema_decay=0.95, steps=300, log_every=10, ckpt_every=100)
+    return PDAEPreset("tiny8", model, train, train)
+
+
+PDAE_PRESETS: tuple[str, ...] = (*sorted(DBAE_PRESETS), "tiny8")
+
+
+# ----- (de)serialization -----
+def pdae_preset_to_json(preset: PDAEPreset) -> str:
+    return json.dumps(to_dict(preset), indent=2, sort_keys=True)
+
+
+def pdae_preset_from_dict(data: Mapping[str, Any]) -> PDAEPreset:
+    return _build(PDAEPreset, data, "pdae preset")
+
+
+__all__ = [
+    "PDAEConfig", "PDAEPreset", "PDAE_PRESETS", "TrainShift", "pdae_preset", "pdae_preset_from_dict",
+    "pdae_preset_to_json",
+]
