@@ -5,14 +5,15 @@
 #   2. the fused-kernel tests, now on CUDA (parity, CUDA graphs, compiled Triton kernels),
 #   3. a short CUDA training run with the fused ops against the reference path,
 #   4. both kernel benchmarks (GB/s against the device-to-device copy of the same run),
-#   5. the deployment latency benchmark (eager against CUDA graphs, ffhq128 random weights).
+#   5. the deployment latency benchmark (eager against CUDA graphs, ffhq128 random weights),
+#   6. DBAE against DiffAE and PDAE at the authors' step counts (paper Table 5, ffhq128).
 #
 #   bash benchmarks/run_gpu_checks.sh [OUTPUT_DIR]      # default: runs/gpu_checks
 #
 # Every step writes its log and JSON under OUTPUT_DIR; a failing step does not stop the others.
 # With ARCHIVE=path.tgz set, OUTPUT_DIR is packed into that archive after every step (so that a
 # run cut short still leaves everything it finished in one file). CHECKS picks the steps
-# (default: all of build tests bench_step bench_train train latency); BENCH_TRAIN_SIZES the
+# (default: all of build tests bench_step bench_train train latency compare); BENCH_TRAIN_SIZES the
 # sizes of the training-kernel benchmark; LATENCY_RUNNERS the runners of the latency benchmark
 # (the compiled ones spend minutes in inductor first); *_TIMEOUT the steps' limits in seconds.
 set -u
@@ -21,7 +22,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 status=()
-checks=" ${CHECKS:-build tests bench_step bench_train train latency} "
+checks=" ${CHECKS:-build tests bench_step bench_train train latency compare} "
 want() { [[ $checks == *" $1 "* ]]; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND, tees its output to OUTPUT_DIR/NAME.log
@@ -81,5 +82,9 @@ fi
 want latency && step latency "${LATENCY_TIMEOUT:-400}" $py -m dbae.cli.main bench latency --preset ffhq128 \
   --device cuda --runners ${LATENCY_RUNNERS:-eager cuda-graph cuda-graph-compiled} --steps 4 10 --batches 1 8 \
   --precision bf16 --runs 20 --out "$out/latency"
+
+# the paper's Table 5 setting on this GPU: DBAE against DiffAE and PDAE (random weights: cost only)
+want compare && step compare "${COMPARE_TIMEOUT:-300}" $py -m dbae.cli.main bench compare --preset ffhq128 \
+  --device cuda --precision bf16 --batch 1 --runs 5 --warmup 1 --out "$out/compare"
 
 cat "$out/status.txt"
