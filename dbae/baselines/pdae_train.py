@@ -18,31 +18,24 @@ gradient_net), ``optim.<i>.<key>``; metadata ``format`` (:data:`FORMAT`), ``pres
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from ..training.batches import StepBatchSampler, step_seed
+from ..errors import CheckpointError, ConfigError
 from ..training.checkpoint import (
-    _flatten_optimizer,
-    _unflatten_optimizer,
-    atomic_write,
-    checkpoint_name,
     load_state_strict,
     read_tagged_safetensors,
+    split_weights,
+    write_weights_file,
 )
-from ..training.ema import EMA
 from .config import DiffAETrainConfig
 from .pdae import PDAE
 from .pdae_config import PDAEPreset, pdae_preset_from_dict, pdae_preset_to_json
-from .train import _batch
+from .train import fit
 
 FORMAT = "dbae-pdae-checkpoint/1"
 Stage = Literal["ddpm", "pdae"]
@@ -62,17 +55,8 @@ def save_pdae(
     """Write one PDAE checkpoint atomically (module docstring)."""
     if stage not in ("ddpm", "pdae"):
         raise ConfigError(f"stage must be 'ddpm' or 'pdae', got {stage!r}")
-    tensors = {f"model.{k}": v for k, v in model.items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.items()})
     metadata = {"format": FORMAT, "preset": pdae_preset_to_json(preset), "stage": stage, "step": str(step)}
-    if optim is not None:
-        optim_tensors, optim_meta = _flatten_optimizer(optim)
-        tensors.update(optim_tensors)
-        metadata["optim"] = json.dumps(optim_meta)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    path = Path(path)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return path
+    return write_weights_file(Path(path), metadata, model, ema, optim)
 
 
 @dataclass
@@ -102,14 +86,8 @@ def read_pdae_checkpoint(path: str | Path) -> PDAECheckpoint:
         optim_meta = json.loads(meta["optim"]) if "optim" in meta else None
     except (KeyError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{path} has unreadable metadata ({exc})") from None
-    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
-    for name, value in tensors.items():
-        head, _, rest = name.partition(".")
-        if head not in groups:
-            raise CheckpointError(f"{path} holds an unexpected tensor {name!r}")
-        groups[head][rest if head != "optim" else name] = value
-    optim = _unflatten_optimizer(groups["optim"], optim_meta) if optim_meta is not None else None
-    return PDAECheckpoint(path, preset, stage, step, groups["model"], groups["ema"], optim)  # type: ignore[arg-type]
+    model, ema, optim = split_weights(path, tensors, optim_meta)
+    return PDAECheckpoint(path, preset, stage, step, model, ema, optim)  # type: ignore[arg-type]
 
 
 def load_pdae(
@@ -154,84 +132,21 @@ def _run(
     progress: bool,
     log: Callable[[str], None],
 ) -> PDAETrainResult:
-    if len(data) < 1:  # type: ignore[arg-type]
-        raise DataError("the training data set is empty")
-    ema = EMA(model, cfg.ema_decay)
-    opt_cls = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_step = 0
+    ckpt = None
     if resume is not None:
         ckpt = read_pdae_checkpoint(resume)
         if ckpt.preset.model != preset.model:
             raise CheckpointError(f"{ckpt.path} holds another PDAE model configuration than this preset")
         if ckpt.stage != stage:
             raise CheckpointError(f"{ckpt.path} is a stage-{ckpt.stage!r} checkpoint, not stage {stage!r}")
-        load_state_strict(model, ckpt.model, "PDAE", ckpt.path)
-        load_state_strict(ema.module, ckpt.ema, "PDAE EMA", ckpt.path)
-        if ckpt.optim is not None:
-            optimizer.load_state_dict(ckpt.optim)
-        start_step = ckpt.step
-    if start_step > cfg.steps:
-        raise ConfigError(f"the checkpoint is at step {start_step}, past the preset's {cfg.steps} steps")
-    ckpt_dir = Path(out) / "checkpoints" if out is not None else None
 
-    def save(step: int) -> Path | None:
-        if ckpt_dir is None:
-            return None
-        return save_pdae(ckpt_dir / checkpoint_name(step), preset=preset, stage=stage, step=step,
-                         model=model.state_dict(), ema=ema.state_dict(), optim=optimizer.state_dict())
+    def save_weights(path: Path, **weights) -> Path:
+        return save_pdae(path, preset=preset, stage=stage, **weights)
 
     loss_fn = model.ddpm_loss if stage == "ddpm" else model.loss
-    batches = StepBatchSampler(len(data), cfg.batch_size, cfg.seed, start_step, cfg.steps)  # type: ignore[arg-type]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train PDAE ({stage})", unit="step", dynamic_ncols=True)
-    losses: list[tuple[int, float]] = []
-    window = torch.zeros((), device=device)
-    window_n = 0
-    path: Path | None = None
-    began = time.perf_counter()
-    model.train()
-    try:
-        for step in range(start_step + 1, cfg.steps + 1):
-            seed = step_seed(cfg.seed, step)
-            torch.manual_seed(seed)  # dropout
-            generator = torch.Generator(device).manual_seed(seed)
-            x0 = _batch(data, batches.indices(step - 1), device)
-            loss = loss_fn(x0, generator=generator).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            ema.update(model)
-            window += loss.detach()
-            window_n += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = float(window) / window_n
-                if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(
-                        f"the PDAE ({stage}) loss became {mean_loss} by step {step}; lower the learning rate"
-                    )
-                losses.append((step, mean_loss))
-                window.zero_()
-                window_n = 0
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                path = save(step)
-    finally:
-        if bar is not None:
-            bar.close()
-    if cfg.steps > start_step or path is None:
-        path = save(cfg.steps)
-    seconds = time.perf_counter() - began
-    if losses:
-        log(f"PDAE ({stage}) trained to step {cfg.steps} in {seconds:.1f} s; last loss {losses[-1][1]:.4f}")
-    return PDAETrainResult(model, ema.module, stage, cfg.steps, losses, seconds, path)
+    ema, losses, path, seconds = fit(f"PDAE ({stage})", "PDAE", model, params, loss_fn, data, cfg, resume=ckpt,
+                                     save_weights=save_weights, out=out, device=device, progress=progress, log=log)
+    return PDAETrainResult(model, ema, stage, cfg.steps, losses, seconds, path)
 
 
 def train_ddpm(

@@ -18,25 +18,23 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..data.shapes import ShapesDataset
 from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from ..training.batches import StepBatchSampler, step_seed
 from ..training.checkpoint import (
-    _flatten_optimizer,
-    _unflatten_optimizer,
-    atomic_write,
     checkpoint_name,
     load_state_strict,
     read_tagged_safetensors,
+    split_weights,
+    write_weights_file,
 )
 from ..training.ema import EMA
-from .config import DiffAEPreset, preset_from_dict, preset_to_json
+from .config import DiffAEPreset, DiffAETrainConfig, preset_from_dict, preset_to_json
 from .diffae import DiffAE
 
 FORMAT = "dbae-diffae-checkpoint/1"
@@ -53,17 +51,8 @@ def save_diffae(
     optim: dict[str, Any] | None = None,
 ) -> Path:
     """Write one DiffAE checkpoint atomically (module docstring)."""
-    tensors = {f"model.{k}": v for k, v in model.items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.items()})
     metadata = {"format": FORMAT, "preset": preset_to_json(preset), "step": str(step)}
-    if optim is not None:
-        optim_tensors, optim_meta = _flatten_optimizer(optim)
-        tensors.update(optim_tensors)
-        metadata["optim"] = json.dumps(optim_meta)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    path = Path(path)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return path
+    return write_weights_file(Path(path), metadata, model, ema, optim)
 
 
 @dataclass
@@ -91,14 +80,8 @@ def read_diffae_checkpoint(path: str | Path) -> DiffAECheckpoint:
         optim_meta = json.loads(meta["optim"]) if "optim" in meta else None
     except (KeyError, ValueError, ConfigError) as exc:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{path} has unreadable metadata ({exc})") from None
-    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
-    for name, value in tensors.items():
-        head, _, rest = name.partition(".")
-        if head not in groups:
-            raise CheckpointError(f"{path} holds an unexpected tensor {name!r}")
-        groups[head][rest if head != "optim" else name] = value
-    optim = _unflatten_optimizer(groups["optim"], optim_meta) if optim_meta is not None else None
-    return DiffAECheckpoint(path, preset, step, groups["model"], groups["ema"], optim)
+    model, ema, optim = split_weights(path, tensors, optim_meta)
+    return DiffAECheckpoint(path, preset, step, model, ema, optim)
 
 
 def load_diffae(
@@ -139,39 +122,51 @@ def _batch(data: Dataset, indices: list[int], device: torch.device) -> torch.Ten
     return torch.stack(images).to(device=device, dtype=torch.float32)
 
 
-def train_diffae(
-    preset: DiffAEPreset,
+class ResumePoint(Protocol):
+    """What :func:`fit` resumes from: a read checkpoint (DiffAE or PDAE), already checked to
+    belong to the model being trained."""
+
+    path: Path
+    step: int
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optim: dict[str, Any] | None
+
+
+def fit(
+    name: str,
+    kind: str,
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    loss_fn: Callable[..., Any],
     data: Dataset,
+    cfg: DiffAETrainConfig,
     *,
-    out: str | Path | None = None,
-    resume: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> DiffAETrainResult:
-    """Train ``preset`` on ``data`` (items: images in [-1, 1], or (image, ...) tuples) for
-    ``preset.train.steps`` steps (module docstring). With ``out``, checkpoints go to
-    ``out/checkpoints`` every ``ckpt_every`` steps and at the end. ``resume`` continues
-    from a checkpoint of the same preset (same batches and noise as an uninterrupted run)."""
-    cfg = preset.train
-    device = torch.device(device)
+    resume: ResumePoint | None,
+    save_weights: Callable[..., Path],
+    out: str | Path | None,
+    device: torch.device,
+    progress: bool,
+    log: Callable[[str], None],
+) -> tuple[torch.nn.Module, list[tuple[int, float]], Path | None, float]:
+    """Train ``params`` of ``model`` (a ``kind``, e.g. "DiffAE") for steps ``resume.step + 1 ..
+    cfg.steps`` (module docstring: batches and noise from the step's seed):
+    ``loss_fn(x0, generator=...).loss``, clipping, Adam or RAdam, the EMA; with ``out``, a
+    checkpoint ``save_weights(path, step=, model=, ema=, optim=)`` every ``ckpt_every`` steps
+    and at the end. Returns (EMA module, (step, mean loss) per log window, last checkpoint,
+    seconds); TrainingDiverged on a non-finite loss, ``name`` naming the run in messages."""
     if len(data) < 1:  # type: ignore[arg-type]
         raise DataError("the training data set is empty")
-    torch.manual_seed(cfg.seed)  # the initial weights are part of what the seed fixes
-    model = DiffAE(preset.model).to(device)
     ema = EMA(model, cfg.ema_decay)
     opt_cls = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_step = 0
     if resume is not None:
-        ckpt = read_diffae_checkpoint(resume)
-        if ckpt.preset.model != preset.model:
-            raise CheckpointError(f"{ckpt.path} holds another DiffAE model configuration than this preset")
-        load_state_strict(model, ckpt.model, "DiffAE", ckpt.path)
-        load_state_strict(ema.module, ckpt.ema, "DiffAE EMA", ckpt.path)
-        if ckpt.optim is not None:
-            optimizer.load_state_dict(ckpt.optim)
-        start_step = ckpt.step
+        load_state_strict(model, resume.model, kind, resume.path)
+        load_state_strict(ema.module, resume.ema, f"{kind} EMA", resume.path)
+        if resume.optim is not None:
+            optimizer.load_state_dict(resume.optim)
+        start_step = resume.step
     if start_step > cfg.steps:
         raise ConfigError(f"the checkpoint is at step {start_step}, past the preset's {cfg.steps} steps")
     ckpt_dir = Path(out) / "checkpoints" if out is not None else None
@@ -179,15 +174,15 @@ def train_diffae(
     def save(step: int) -> Path | None:
         if ckpt_dir is None:
             return None
-        return save_diffae(ckpt_dir / checkpoint_name(step), preset=preset, step=step, model=model.state_dict(),
-                           ema=ema.state_dict(), optim=optimizer.state_dict())
+        return save_weights(ckpt_dir / checkpoint_name(step), step=step, model=model.state_dict(),
+                            ema=ema.state_dict(), optim=optimizer.state_dict())
 
     batches = StepBatchSampler(len(data), cfg.batch_size, cfg.seed, start_step, cfg.steps)  # type: ignore[arg-type]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="train DiffAE", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train {name}", unit="step", dynamic_ncols=True)
     losses: list[tuple[int, float]] = []
     window = torch.zeros((), device=device)
     window_n = 0
@@ -200,10 +195,10 @@ def train_diffae(
             torch.manual_seed(seed)  # dropout
             generator = torch.Generator(device).manual_seed(seed)
             x0 = _batch(data, batches.indices(step - 1), device)
-            loss = model.loss(x0, generator=generator).loss
+            loss = loss_fn(x0, generator=generator).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             ema.update(model)
             window += loss.detach()
@@ -211,9 +206,7 @@ def train_diffae(
             if step % cfg.log_every == 0 or step == cfg.steps:
                 mean_loss = float(window) / window_n
                 if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(
-                        f"the DiffAE loss became {mean_loss} by step {step}; lower the learning rate"
-                    )
+                    raise TrainingDiverged(f"the {name} loss became {mean_loss} by step {step}; lower the learning rate")
                 losses.append((step, mean_loss))
                 window.zero_()
                 window_n = 0
@@ -230,5 +223,38 @@ def train_diffae(
         path = save(cfg.steps)
     seconds = time.perf_counter() - began
     if losses:
-        log(f"DiffAE trained to step {cfg.steps} in {seconds:.1f} s; last loss {losses[-1][1]:.4f}")
-    return DiffAETrainResult(model, ema.module, cfg.steps, losses, seconds, path)
+        log(f"{name} trained to step {cfg.steps} in {seconds:.1f} s; last loss {losses[-1][1]:.4f}")
+    return ema.module, losses, path, seconds
+
+
+def train_diffae(
+    preset: DiffAEPreset,
+    data: Dataset,
+    *,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> DiffAETrainResult:
+    """Train ``preset`` on ``data`` (items: images in [-1, 1], or (image, ...) tuples) for
+    ``preset.train.steps`` steps (module docstring). With ``out``, checkpoints go to
+    ``out/checkpoints`` every ``ckpt_every`` steps and at the end. ``resume`` continues
+    from a checkpoint of the same preset (same batches and noise as an uninterrupted run)."""
+    cfg = preset.train
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)  # the initial weights are part of what the seed fixes
+    model = DiffAE(preset.model).to(device)
+    ckpt = None
+    if resume is not None:
+        ckpt = read_diffae_checkpoint(resume)
+        if ckpt.preset.model != preset.model:
+            raise CheckpointError(f"{ckpt.path} holds another DiffAE model configuration than this preset")
+
+    def save_weights(path: Path, **weights) -> Path:
+        return save_diffae(path, preset=preset, **weights)
+
+    ema, losses, path, seconds = fit("DiffAE", "DiffAE", model, list(model.parameters()), model.loss, data, cfg,
+                                     resume=ckpt, save_weights=save_weights, out=out, device=device,
+                                     progress=progress, log=log)
+    return DiffAETrainResult(model, ema, cfg.steps, losses, seconds, path)

@@ -94,6 +94,44 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def write_weights_file(
+    path: Path,
+    metadata: dict[str, str],
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    optim: dict[str, Any] | None = None,
+) -> Path:
+    """Write a safetensors file atomically: tensors ``model.*``, ``ema.*`` and the optimizer's
+    ``optim.<i>.<key>`` (its non-tensor state as JSON in metadata ``optim``), plus ``metadata``.
+    The layout of every training checkpoint of the package (read back by :func:`split_weights`)."""
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    metadata = dict(metadata)
+    if optim is not None:
+        optim_tensors, optim_meta = _flatten_optimizer(optim)
+        tensors.update(optim_tensors)
+        metadata["optim"] = json.dumps(optim_meta)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return Path(path)
+
+
+def split_weights(
+    path: Path, tensors: dict[str, torch.Tensor], optim_meta: dict[str, Any] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(model, ema, optimizer state) of the tensors of a file written by
+    :func:`write_weights_file` (optimizer state None when ``optim_meta`` is None);
+    CheckpointError for a tensor of no known group."""
+    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
+    for name, value in tensors.items():
+        head, _, rest = name.partition(".")
+        if head not in groups:
+            raise CheckpointError(f"{path} holds an unexpected tensor {name!r}")
+        groups[head][rest if head != "optim" else name] = value
+    optim = _unflatten_optimizer(groups["optim"], optim_meta) if optim_meta is not None else None
+    return groups["model"], groups["ema"], optim
+
+
 def save_checkpoint(
     path: Path,
     *,
@@ -104,18 +142,10 @@ def save_checkpoint(
     optim: dict[str, Any] | None = None,
     scaler: dict[str, Any] | None = None,
 ) -> Path:
-    tensors = {f"model.{k}": v for k, v in model.items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.items()})
     metadata = {"format": FORMAT, "preset": dumps(preset), "step": str(step)}
-    if optim is not None:
-        optim_tensors, optim_meta = _flatten_optimizer(optim)
-        tensors.update(optim_tensors)
-        metadata["optim"] = json.dumps(optim_meta)
     if scaler:
         metadata["scaler"] = json.dumps(scaler)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return Path(path)
+    return write_weights_file(path, metadata, model, ema, optim)
 
 
 def read_tagged_safetensors(path: Path, file_format: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -165,17 +195,10 @@ def load_checkpoint(path: Path, *, with_optimizer: bool = True) -> Checkpoint:
         step = int(meta["step"])
     except (KeyError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{path} has unreadable metadata ({exc})") from None
-    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
-    for name, value in tensors.items():
-        head, _, rest = name.partition(".")
-        if head not in groups:
-            raise CheckpointError(f"{path} holds an unexpected tensor {name!r}")
-        groups[head][rest if head != "optim" else name] = value
-    optim = None
-    if with_optimizer and "optim" in meta:
-        optim = _unflatten_optimizer(groups["optim"], json.loads(meta["optim"]))
+    optim_meta = json.loads(meta["optim"]) if with_optimizer and "optim" in meta else None
+    model, ema, optim = split_weights(path, tensors, optim_meta)
     scaler = json.loads(meta["scaler"]) if "scaler" in meta else None
-    return Checkpoint(path, preset, step, groups["model"], groups["ema"], optim, scaler)
+    return Checkpoint(path, preset, step, model, ema, optim, scaler)
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
