@@ -31,11 +31,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..errors import DataError
 from ..nn import Encoder, ScoreUNet, count_parameters
 from ..config import UNetConfig
 from .config import DiffAEConfig
-from .ddim import DDPMSchedule, check_steps
+from .ddim import DDPMSchedule
+from .ddim_autoencoder import DDIMAutoencoder
 
 Tensor = torch.Tensor
 
@@ -86,7 +86,7 @@ class Reconstruction(NamedTuple):
     decode_nfe: int
 
 
-class DiffAE(nn.Module):
+class DiffAE(DDIMAutoencoder):
     """The DiffAE autoencoder (module docstring). Methods validate shapes (DataError) and
     step counts (ConfigError) and report their exact NFE."""
 
@@ -98,25 +98,13 @@ class DiffAE(nn.Module):
         self.unet = ZConditionedUNet(config.unet, size, ch, zd)
         self.schedule = DDPMSchedule(config.schedule)
 
-    # ----- checks -----
-    def check_images(self, x: Tensor, what: str = "images") -> None:
-        c, s = self.config.image_channels, self.config.image_size
-        if x.dim() != 4 or x.shape[1] != c or x.shape[2] != s or x.shape[3] != s:
-            raise DataError(f"{what} must have shape (B, {c}, {s}, {s}) for this model, got {tuple(x.shape)}")
-
-    def check_latents(self, z: Tensor) -> None:
-        if z.dim() != 2 or z.shape[1] != self.config.z_dim:
-            raise DataError(f"z must have shape (B, {self.config.z_dim}) for this model, got {tuple(z.shape)}")
-
     # ----- pieces -----
-    def encode(self, x: Tensor) -> Tensor:
-        """z_sem = Enc(x) (B, z_dim) for images in [-1, 1]. One encoder pass, NFE 0."""
-        self.check_images(x)
-        return self.encoder(x)[0]
-
     def eps(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
         """eps_theta(x_t, t, z): one NFE."""
         return self.unet.eps(x_t, t, z).to(x_t.dtype)
+
+    def sampling_eps(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        return self.eps(x_t, t, z)
 
     # ----- training -----
     def loss(self, x0: Tensor, generator: torch.Generator | None = None) -> DiffAELoss:
@@ -146,13 +134,7 @@ class DiffAE(nn.Module):
         """The stochastic subcode x_T of images ``x`` by DDIM inversion under
         ``eps_theta(., ., z)`` (``z = Enc(x)`` when not given): exactly ``steps`` NFE.
         ``clip`` clamps x0_hat to [-1, 1] at every step (DiffAE's ``clip_denoised``)."""
-        self.check_images(x)
-        steps = check_steps(steps, self.schedule.timesteps, "inversion steps")
-        if z is None:
-            z = self.encode(x)
-        self._check_batch(z, x.shape[0])
-        out = self.schedule.invert(lambda xt, t: self.eps(xt, t, z), x, steps, clip=clip, progress=progress)
-        return Inversion(out.x, out.nfe)
+        return Inversion(*self._invert(x, z, steps, clip, progress))
 
     @torch.no_grad()
     def decode(
@@ -167,17 +149,7 @@ class DiffAE(nn.Module):
     ) -> Decoding:
         """Images from z_sem by deterministic DDIM from ``x_T`` (``x_T ~ N(0, I)`` from
         ``generator`` when None): exactly ``steps`` NFE."""
-        self.check_latents(z)
-        steps = check_steps(steps, self.schedule.timesteps, "decode steps")
-        c, s = self.config.image_channels, self.config.image_size
-        if x_T is None:
-            p = next(self.parameters())
-            x_T = torch.randn((z.shape[0], c, s, s), generator=generator, device=z.device, dtype=p.dtype)
-        else:
-            self.check_images(x_T, "x_T")
-            self._check_batch(z, x_T.shape[0])
-        out = self.schedule.sample(lambda xt, t: self.eps(xt, t, z), x_T, steps, clip=clip, progress=progress)
-        return Decoding(out.x.clamp(-1.0, 1.0), x_T, out.nfe)
+        return Decoding(*self._decode(z, x_T, steps, generator, clip, progress))
 
     @torch.no_grad()
     def reconstruct(
@@ -193,21 +165,10 @@ class DiffAE(nn.Module):
     ) -> Reconstruction:
         """Encode, infer x_T (``inversion_steps`` NFE; skipped with ``random_x_T``, which
         draws x_T ~ N(0, I) from ``generator`` instead), decode (``decode_steps`` NFE)."""
-        self.check_images(x)
-        z = self.encode(x)
-        if random_x_T:
-            inv_nfe, x_T = 0, None
-        else:
-            x_T, inv_nfe = self.infer_x_T(x, z, inversion_steps, clip=clip, progress=progress)
-        dec = self.decode(z, x_T, decode_steps, generator=generator, clip=clip, progress=progress)
-        return Reconstruction(dec.images, z, dec.x_T, inv_nfe + dec.nfe, inv_nfe, dec.nfe)
+        r = self._reconstruct(x, inversion_steps, decode_steps, random_x_T, generator, clip, progress)
+        return Reconstruction(r.images, r.z, r.x_T, r.inversion_nfe + r.decode_nfe, r.inversion_nfe, r.decode_nfe)
 
     def parameter_counts(self) -> dict[str, int]:
         counts = {"unet": count_parameters(self.unet), "encoder": count_parameters(self.encoder)}
         counts["total"] = sum(counts.values())
         return counts
-
-    @staticmethod
-    def _check_batch(z: Tensor, batch: int) -> None:
-        if z.shape[0] != batch:
-            raise DataError(f"z holds {z.shape[0]} latents for a batch of {batch} images")

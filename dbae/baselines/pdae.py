@@ -59,9 +59,10 @@ import torch
 from torch import nn
 
 from ..config import UNetConfig
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..nn import Encoder, ScoreUNet, count_parameters
-from .ddim import DDPMSchedule, check_steps
+from .ddim import DDPMSchedule
+from .ddim_autoencoder import DDIMAutoencoder
 from .pdae_config import PDAEConfig
 
 Tensor = torch.Tensor
@@ -137,7 +138,7 @@ class PDAEReconstruction(NamedTuple):
     network_evals: int  # 2 * nfe (eps_theta + G_psi); the one encoder pass is apart
 
 
-class PDAE(nn.Module):
+class PDAE(DDIMAutoencoder):
     """The PDAE autoencoder (module docstring): ``eps_net`` (frozen pre-trained DDPM),
     ``encoder`` and ``gradient_net`` (G). Methods validate shapes (DataError) and step counts
     (ConfigError) and report their exact NFE."""
@@ -187,27 +188,7 @@ class PDAE(nn.Module):
         """The parameters the PDAE objective trains: encoder and G."""
         return [*self.encoder.parameters(), *self.gradient_net.parameters()]
 
-    # ----- checks -----
-    def check_images(self, x: Tensor, what: str = "images") -> None:
-        c, s = self.config.image_channels, self.config.image_size
-        if x.dim() != 4 or x.shape[1] != c or x.shape[2] != s or x.shape[3] != s:
-            raise DataError(f"{what} must have shape (B, {c}, {s}, {s}) for this model, got {tuple(x.shape)}")
-
-    def check_latents(self, z: Tensor) -> None:
-        if z.dim() != 2 or z.shape[1] != self.config.z_dim:
-            raise DataError(f"z must have shape (B, {self.config.z_dim}) for this model, got {tuple(z.shape)}")
-
-    @staticmethod
-    def _check_batch(z: Tensor, batch: int) -> None:
-        if z.shape[0] != batch:
-            raise DataError(f"z holds {z.shape[0]} latents for a batch of {batch} images")
-
     # ----- pieces -----
-    def encode(self, x: Tensor) -> Tensor:
-        """z = E(x) (B, z_dim) for images in [-1, 1]. One encoder pass, NFE 0."""
-        self.check_images(x)
-        return self.encoder(x)[0]
-
     def coef(self, t: Tensor, kind: CoefKind, like: Tensor) -> Tensor:
         """coeff(t) of ``kind`` ("sample": sqrt(1 - abar_t); "train": PDAE's training
         coefficient) shaped (B, 1, ..., 1) like ``like``."""
@@ -225,6 +206,9 @@ class PDAE(nn.Module):
         eps = self.eps_net(x_t, t).to(x_t.dtype)
         grad = self.gradient_net(x_t, t, z).to(x_t.dtype)
         return eps - self.coef(t, kind, x_t) * grad
+
+    def sampling_eps(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        return self.shifted_eps(x_t, t, z)
 
     # ----- training -----
     def _noisy(self, x0: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -270,14 +254,8 @@ class PDAE(nn.Module):
     ) -> PDAEInversion:
         """x_T of images ``x`` by DDIM inversion under the shifted eps with ``z`` (``E(x)``
         when not given): exactly ``steps`` NFE (``2 * steps`` network evaluations)."""
-        self.check_images(x)
-        steps = check_steps(steps, self.schedule.timesteps, "inversion steps")
-        if z is None:
-            z = self.encode(x)
-        self.check_latents(z)
-        self._check_batch(z, x.shape[0])
-        out = self.schedule.invert(lambda xt, t: self.shifted_eps(xt, t, z), x, steps, clip=clip, progress=progress)
-        return PDAEInversion(out.x, out.nfe, 2 * out.nfe)
+        x_T, nfe = self._invert(x, z, steps, clip, progress)
+        return PDAEInversion(x_T, nfe, 2 * nfe)
 
     @torch.no_grad()
     def decode(
@@ -292,17 +270,8 @@ class PDAE(nn.Module):
     ) -> PDAEDecoding:
         """Images from z by deterministic DDIM under the shifted eps from ``x_T``
         (``x_T ~ N(0, I)`` from ``generator`` when None): exactly ``steps`` NFE."""
-        self.check_latents(z)
-        steps = check_steps(steps, self.schedule.timesteps, "decode steps")
-        c, s = self.config.image_channels, self.config.image_size
-        if x_T is None:
-            p = next(self.parameters())
-            x_T = torch.randn((z.shape[0], c, s, s), generator=generator, device=z.device, dtype=p.dtype)
-        else:
-            self.check_images(x_T, "x_T")
-            self._check_batch(z, x_T.shape[0])
-        out = self.schedule.sample(lambda xt, t: self.shifted_eps(xt, t, z), x_T, steps, clip=clip, progress=progress)
-        return PDAEDecoding(out.x.clamp(-1.0, 1.0), x_T, out.nfe, 2 * out.nfe)
+        dec = self._decode(z, x_T, steps, generator, clip, progress)
+        return PDAEDecoding(dec.images, dec.x_T, dec.nfe, 2 * dec.nfe)
 
     @torch.no_grad()
     def reconstruct(
@@ -318,18 +287,9 @@ class PDAE(nn.Module):
     ) -> PDAEReconstruction:
         """Encode, infer x_T (``inversion_steps`` NFE; skipped with ``random_x_T``, which draws
         x_T ~ N(0, I) from ``generator`` instead), decode (``decode_steps`` NFE)."""
-        self.check_images(x)
-        if not random_x_T:
-            check_steps(inversion_steps, self.schedule.timesteps, "inversion steps")
-        check_steps(decode_steps, self.schedule.timesteps, "decode steps")
-        z = self.encode(x)
-        if random_x_T:
-            inv_nfe, x_T = 0, None
-        else:
-            x_T, inv_nfe, _ = self.infer_x_T(x, z, inversion_steps, clip=clip, progress=progress)
-        dec = self.decode(z, x_T, decode_steps, generator=generator, clip=clip, progress=progress)
-        nfe = inv_nfe + dec.nfe
-        return PDAEReconstruction(dec.images, z, dec.x_T, nfe, inv_nfe, dec.nfe, 2 * nfe)
+        r = self._reconstruct(x, inversion_steps, decode_steps, random_x_T, generator, clip, progress)
+        nfe = r.inversion_nfe + r.decode_nfe
+        return PDAEReconstruction(r.images, r.z, r.x_T, nfe, r.inversion_nfe, r.decode_nfe, 2 * nfe)
 
     def parameter_counts(self) -> dict[str, int]:
         counts = {
