@@ -16,10 +16,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from ..config import PRESETS as DBAE_PRESETS
-from ..config import EncoderConfig, ModelConfig, UNetConfig, get_preset, to_dict
+from ..config import EncoderConfig, ModelConfig, UNetConfig, to_dict
 from ..errors import ConfigError
-from .config import DiffAETrainConfig, _build
+from .config import DIFFAE_PRESETS, DiffAETrainConfig, _build, diffae_preset
 from .ddim import ScheduleConfig
 
 #: ``"posterior"``: PDAE's official training coefficient sqrt(alpha_t) (1 - abar_{t-1}) / sqrt(1 - abar_t)
@@ -96,40 +95,18 @@ def pdae_preset(name: str) -> PDAEPreset:
     """The PDAE preset mirroring DBAE preset ``name`` (``celeba64``, ``ffhq128``, ``horse128``,
     ``bedroom128``, ``shapes32``, ``shapes16``, ``tiny16``), or ``tiny8``: a minimal CPU model
     (8x8 images, 8-dim z) for smoke tests."""
-    if name == "tiny8":
-        return _tiny8()
-    if name not in DBAE_PRESETS:
-        choices = ", ".join(sorted([*DBAE_PRESETS, "tiny8"]))
-        raise ConfigError(f"unknown PDAE preset {name!r}; choose one of: {choices}")
-    p = get_preset(name)
-    t = p.train
-    train = DiffAETrainConfig(
-        batch_size=t.batch_size, lr=t.lr, ema_decay=t.ema_decay, grad_clip=t.grad_clip,
-        steps=t.steps, seed=t.seed, log_every=t.log_every, ckpt_every=t.ckpt_every,
-    )
-    return PDAEPreset(name, PDAEConfig.from_model_config(p.model), train, train)
-
-
-def _tiny8() -> PDAEPreset:
-    unet = UNetConfig(
-        base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-        num_head_channels=16, dropout=0.0, num_groups=4,
-    )
+    if name not in DIFFAE_PRESETS:
+        raise ConfigError(f"unknown PDAE preset {name!r}; choose one of: {', '.join(sorted(DIFFAE_PRESETS))}")
+    base = diffae_preset(name)  # the same backbones and training settings as DiffAE's preset
+    m = base.model
     model = PDAEConfig(
-        image_size=8,
-        z_dim=8,
-        unet=unet,
-        gradient_unet=unet,
-        encoder=EncoderConfig(
-            base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-            num_head_channels=16, num_groups=4, stochastic=False,
-        ),
+        image_size=m.image_size, image_channels=m.image_channels, z_dim=m.z_dim, unet=m.unet,
+        gradient_unet=m.unet, encoder=m.encoder, schedule=m.schedule,
     )
-    train = DiffAETrainConfig(batch_size=32, lr=2e-3, ema_decay=0.95, steps=300, log_every=10, ckpt_every=100)
-    return PDAEPreset("tiny8", model, train, train)
+    return PDAEPreset(name, model, base.train, base.train)
 
 
-PDAE_PRESETS: tuple[str, ...] = (*sorted(DBAE_PRESETS), "tiny8")
+PDAE_PRESETS: tuple[str, ...] = DIFFAE_PRESETS
 
 
 # ----- (de)serialization -----
