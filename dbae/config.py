@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -238,20 +239,23 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+def dataclass_from_dict(cls: type, data: Any, where: str) -> Any:
+    """A (frozen) dataclass ``cls`` from a JSON mapping: fields typed as dataclasses recurse,
+    lists become tuples; a non-mapping, unknown or mistyped fields raise ConfigError naming
+    ``where``. Serves every typed configuration of the package (presets, priors, baselines)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
     kwargs = {}
     for name, value in data.items():
-        ftype = fields[name].type
-        sub = _NESTED.get((cls, name))
-        if sub is not None:
-            kwargs[name] = _build(sub, value, f"{where}.{name}")
-        elif isinstance(value, list) or (isinstance(ftype, str) and ftype.startswith("tuple")):
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = dataclass_from_dict(hint, value, f"{where}.{name}")
+        elif isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
@@ -261,26 +265,16 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-_NESTED: dict[tuple[type, str], type] = {
-    (ModelConfig, "unet"): UNetConfig,
-    (ModelConfig, "encoder"): EncoderConfig,
-    (ModelConfig, "decoder"): DecoderConfig,
-    (ModelConfig, "bridge"): BridgeConfig,
-    (Preset, "model"): ModelConfig,
-    (Preset, "train"): TrainConfig,
-}
-
-
 def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
-    return _build(ModelConfig, data, "model")
+    return dataclass_from_dict(ModelConfig, data, "model")
 
 
 def train_config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    return _build(TrainConfig, data, "train")
+    return dataclass_from_dict(TrainConfig, data, "train")
 
 
 def preset_from_dict(data: Mapping[str, Any]) -> Preset:
-    return _build(Preset, data, "preset")
+    return dataclass_from_dict(Preset, data, "preset")
 
 
 def dumps(obj: Any) -> str:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from ..config import PRESETS as DBAE_PRESETS
-from ..config import EncoderConfig, ModelConfig, UNetConfig, get_preset, to_dict
+from ..config import EncoderConfig, ModelConfig, UNetConfig, dataclass_from_dict, get_preset, to_dict
 from ..errors import ConfigError
 from .ddim import ScheduleConfig
 
@@ -149,38 +148,13 @@ DIFFAE_PRESETS: tuple[str, ...] = (*sorted(DBAE_PRESETS), "tiny8")
 
 
 # ----- (de)serialization -----
-def _build(cls: type, data: Any, where: str) -> Any:
-    """A frozen dataclass from a JSON mapping; nested dataclass fields recurse, lists become
-    tuples; unknown or mistyped fields raise ConfigError."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{where}.{name}")  # type: ignore[arg-type]
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
 def preset_to_json(preset: DiffAEPreset) -> str:
     return json.dumps(to_dict(preset), indent=2, sort_keys=True)
 
 
 def preset_from_dict(data: Mapping[str, Any]) -> DiffAEPreset:
-    return _build(DiffAEPreset, data, "diffae preset")
+    return dataclass_from_dict(DiffAEPreset, data, "diffae preset")
 
 
 def config_from_dict(data: Mapping[str, Any]) -> DiffAEConfig:
-    return _build(DiffAEConfig, data, "diffae model")
+    return dataclass_from_dict(DiffAEConfig, data, "diffae model")

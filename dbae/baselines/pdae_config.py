@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from ..config import EncoderConfig, ModelConfig, UNetConfig, to_dict
+from ..config import EncoderConfig, ModelConfig, UNetConfig, dataclass_from_dict, to_dict
 from ..errors import ConfigError
-from .config import DIFFAE_PRESETS, DiffAETrainConfig, _build, diffae_preset
+from .config import DIFFAE_PRESETS, DiffAETrainConfig, diffae_preset
 from .ddim import ScheduleConfig
 
 #: ``"posterior"``: PDAE's official training coefficient sqrt(alpha_t) (1 - abar_{t-1}) / sqrt(1 - abar_t)
@@ -115,7 +115,7 @@ def pdae_preset_to_json(preset: PDAEPreset) -> str:
 
 
 def pdae_preset_from_dict(data: Mapping[str, Any]) -> PDAEPreset:
-    return _build(PDAEPreset, data, "pdae preset")
+    return dataclass_from_dict(PDAEPreset, data, "pdae preset")
 
 
 __all__ = [

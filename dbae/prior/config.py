@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..config import dataclass_from_dict
 from ..errors import ConfigError
 
 LOSSES = ("l1", "l2")
@@ -177,23 +178,5 @@ def prior_dumps(preset: PriorPreset) -> str:
     return json.dumps(prior_to_dict(preset), indent=2, sort_keys=True)
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        kwargs[name] = _build(hint, value, f"{where}.{name}") if dataclasses.is_dataclass(hint) else value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
 def prior_from_dict(data: Mapping[str, Any]) -> PriorPreset:
-    return _build(PriorPreset, data, "prior")
+    return dataclass_from_dict(PriorPreset, data, "prior")
