@@ -6,6 +6,7 @@ device-to-device copy bandwidth measured in the same run, and its speedup over t
 PyTorch composite of dbae.model.DBAE.loss and over torch.compile of that composite.
 
     python benchmarks/bench_triton_train.py [--dtypes float32 bfloat16] [--json out.json]
+    python benchmarks/bench_triton_train.py --configs 4:10 8:10 8:7   # warps:Philox rounds
     python benchmarks/bench_triton_train.py --smoke   # no CUDA: tiny run on the Triton interpreter
 
 Ops and what each side computes (N values per image tensor, e bytes per value):
@@ -112,11 +113,15 @@ def copy_bandwidth(bench) -> float:
     return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
 
 
-def bench_size(batch: int, side: int, dtype: torch.dtype, device: str, bench, compiler: str) -> list[dict]:
-    """One row per op: times of the fused op, the eager composite and the compiled composite."""
+def bench_size(
+    batch: int, side: int, dtype: torch.dtype, device: str, bench, compiler: str, configs: list
+) -> list[dict]:
+    """One row per op and launch config: the fused op's times, and (measured once) those of
+    the eager composite and the compiled composite."""
     from dbae.bridge import VPBridge
     from dbae.kernels import bridge_input, bridge_loss, bridge_table
     from dbae.kernels import table as col
+    from dbae.kernels.bridge_train import launched_with
 
     shape = (batch, CHANNELS, side, side)
     n_bytes = torch.finfo(dtype).bits // 8 * batch * CHANNELS * side * side
@@ -149,7 +154,8 @@ def bench_size(batch: int, side: int, dtype: torch.dtype, device: str, bench, co
     times: dict[str, dict[str, float]] = {}
     gpu: dict[str, dict[str, float | None]] = {}
     gpu_time = gpu_ms if device == "cuda" else (lambda fn: None)
-    for kind in ("fused", "eager", "compiled"):
+
+    def measure(kind: str, label: str) -> None:
         fwd = input_side(kind)
         x_t, x_in = fwd()
         # the composite's loss reads the materialised x_t (a leaf, to time its backward alone)
@@ -163,28 +169,36 @@ def bench_size(batch: int, side: int, dtype: torch.dtype, device: str, bench, co
             "loss_fwd": loss_fwd,
             "loss_bwd": lambda: torch.autograd.grad(loss, loss_inputs, retain_graph=True),
         }
-        times[kind] = {op: bench(call) for op, call in calls.items()}
-        gpu[kind] = {op: gpu_time(call) for op, call in calls.items()}
+        times[label] = {op: bench(call) for op, call in calls.items()}
+        gpu[label] = {op: gpu_time(call) for op, call in calls.items()}
+
+    for kind in ("eager", "compiled"):
+        measure(kind, kind)
+    for config in configs:
+        with launched_with(config):
+            measure("fused", config)
     moved = {"input_fwd": 4 * n_bytes, "input_bwd": 2 * n_bytes, "loss_fwd": 3 * n_bytes, "loss_bwd": 5 * n_bytes}
     rows = []
-    for op, bytes_moved in moved.items():
-        # GB/s from the kernel time where the profiler gave one, else from the call time
-        fused = gpu["fused"][op] or times["fused"][op]
-        rows.append({
-            "op": op, "batch": batch, "side": side, "dtype": str(dtype).removeprefix("torch."),
-            "bytes": bytes_moved, "fused_ms": times["fused"][op], "eager_ms": times["eager"][op],
-            "compiled_ms": times["compiled"][op], "fused_gpu_ms": gpu["fused"][op],
-            "eager_gpu_ms": gpu["eager"][op], "compiled_gpu_ms": gpu["compiled"][op],
-            "fused_GBps": bytes_moved / (fused * 1e-3) / 1e9,
-        })  # fmt: skip
+    for config in configs:
+        for op, bytes_moved in moved.items():
+            # GB/s from the kernel time where the profiler gave one, else from the call time
+            fused = gpu[config][op] or times[config][op]
+            rows.append({
+                "op": op, "batch": batch, "side": side, "dtype": str(dtype).removeprefix("torch."),
+                "num_warps": config.num_warps, "philox_rounds": config.philox_rounds,
+                "bytes": bytes_moved, "fused_ms": times[config][op], "eager_ms": times["eager"][op],
+                "compiled_ms": times["compiled"][op], "fused_gpu_ms": gpu[config][op],
+                "eager_gpu_ms": gpu["eager"][op], "compiled_gpu_ms": gpu["compiled"][op],
+                "fused_GBps": bytes_moved / (fused * 1e-3) / 1e9,
+            })  # fmt: skip
     return rows
 
 
 def print_table(rows: list[dict], copy_gbps: float | None) -> None:
     """GPU (kernel) times with GB/s and speedups; then the call times, host side included."""
-    columns = ("op", "B", "HxW", "dtype", "fused us", "GB/s", "% copy", "eager us", "x eager", "comp us", "x comp",
-               "| call us:", "fused", "eager", "comp")  # fmt: skip
-    widths = (10, 4, 8, 9, 9, 7, 7, 9, 8, 8, 7, 9, 8, 8, 8)
+    columns = ("op", "B", "HxW", "dtype", "warps:rounds", "fused us", "GB/s", "% copy", "eager us", "x eager",
+               "comp us", "x comp", "| call us:", "fused", "eager", "comp")  # fmt: skip
+    widths = (10, 4, 8, 9, 12, 9, 7, 7, 9, 8, 8, 7, 9, 8, 8, 8)
     line = lambda cells: " ".join(f"{c:{'<' if i == 0 else '>'}{w}}" for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
 
     def us(ms):
@@ -198,7 +212,8 @@ def print_table(rows: list[dict], copy_gbps: float | None) -> None:
     for r in rows:
         fused_gpu = r["fused_gpu_ms"]
         cells = (
-            r["op"], r["batch"], f"{r['side']}x{r['side']}", r["dtype"], us(fused_gpu),
+            r["op"], r["batch"], f"{r['side']}x{r['side']}", r["dtype"], f"{r['num_warps']}:{r['philox_rounds']}",
+            us(fused_gpu),
             f"{r['fused_GBps']:.1f}", f"{100 * r['fused_GBps'] / copy_gbps:.1f}%" if copy_gbps else "-",
             us(r["eager_gpu_ms"]), ratio(r["eager_gpu_ms"], fused_gpu),
             us(r["compiled_gpu_ms"]), ratio(r["compiled_gpu_ms"], fused_gpu),
@@ -215,6 +230,15 @@ def _size(text: str) -> tuple[int, int]:
     return batch, side
 
 
+def _config(text: str) -> tuple[int, int]:
+    # checked by LaunchConfig later: dbae.kernels must not be imported before TRITON_INTERPRET is set
+    try:
+        warps, rounds = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WARPS:ROUNDS such as 4:10, got {text!r}") from None
+    return warps, rounds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
@@ -223,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sizes", nargs="+", type=_size, default=SIZES, metavar="BxS", help="batch x image side, e.g. 16x64 128x128"
     )
+    parser.add_argument(
+        "--configs", nargs="+", type=_config, default=None, metavar="WARPS:ROUNDS",
+        help="launch settings of the fused kernels to compare (default: the package's own)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -245,9 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbps:.1f} GB/s")
     rows = []
+    from dbae.kernels.bridge_train import LaunchConfig, launch_config
+
+    try:
+        configs = [LaunchConfig(*c) for c in args.configs] if args.configs else [launch_config()]
+    except ValueError as error:
+        parser.error(str(error))
     for name in args.dtypes:
         for batch, side in args.sizes if cuda else SMOKE_SIZES:
-            rows += bench_size(batch, side, DTYPES[name], device, bench, compiler)
+            rows += bench_size(batch, side, DTYPES[name], device, bench, compiler, configs)
     print_table(rows, copy_gbps)
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter smoke run)",

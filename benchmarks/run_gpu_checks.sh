@@ -14,8 +14,10 @@
 # With ARCHIVE=path.tgz set, OUTPUT_DIR is packed into that archive after every step (so that a
 # run cut short still leaves everything it finished in one file). CHECKS picks the steps
 # (default: all of build tests bench_step bench_train train latency compare); BENCH_TRAIN_SIZES the
-# sizes of the training-kernel benchmark; LATENCY_RUNNERS the runners of the latency benchmark
-# (the compiled ones spend minutes in inductor first); *_TIMEOUT the steps' limits in seconds.
+# sizes of the training-kernel benchmark and BENCH_TRAIN_CONFIGS its launch settings (WARPS:ROUNDS
+# ...); BENCH_STEP_BATCHES the batches of the sampler-step benchmark; LATENCY_RUNNERS the runners of the latency benchmark
+# (the compiled ones spend minutes in inductor first), LATENCY_BATCHES its batches; *_TIMEOUT the
+# steps' limits in seconds, TEST_TIMEOUT the limit of one test.
 set -u
 out=${1:-runs/gpu_checks}
 mkdir -p "$out"
@@ -57,18 +59,19 @@ $py -c "from dbae import fused_step as fs; print('fused-step report:', fs.report
 # failures' tracebacks at the end. pytest-xdist, where installed, keeps going past a test that
 # crashes its worker; pytest-timeout, where installed, stops a hung test.
 plugins=$($py -c "import xdist" 2>/dev/null && echo "-n 4")
-plugins+=$($py -c "import pytest_timeout" 2>/dev/null && echo " --timeout 90")
+plugins+=$($py -c "import pytest_timeout" 2>/dev/null && echo " --timeout ${TEST_TIMEOUT:-90}")
 # shellcheck disable=SC2086
 want tests && TAIL_LINES=60 step tests "${TESTS_TIMEOUT:-240}" $py -m pytest -v -rfE --tb=short $plugins \
   -p no:cacheprovider -p no:benchmark --junitxml="$out/tests.xml" \
   tests/test_fused_step.py tests/test_triton_kernels.py tests/test_fused_training.py tests/test_fused_sampling.py \
   tests/test_runners_torch.py tests/test_ext.py
 
-want bench_step && step bench_step 100 $py benchmarks/bench_sampler_step.py --device cuda --batches 1 16 128 \
-  --sizes 64 128 --min-time 0.1 --json "$out/bench_sampler_step.json"
+want bench_step && step bench_step "${BENCH_STEP_TIMEOUT:-100}" $py benchmarks/bench_sampler_step.py --device cuda \
+  --batches ${BENCH_STEP_BATCHES:-1 16 128} --sizes 64 128 --min-time 0.1 --json "$out/bench_sampler_step.json"
 # shellcheck disable=SC2086
-want bench_train && step bench_train 75 $py benchmarks/bench_triton_train.py \
-  --sizes ${BENCH_TRAIN_SIZES:-1x64 16x64 128x64 128x128} --json "$out/bench_triton_train.json"
+want bench_train && step bench_train "${BENCH_TRAIN_TIMEOUT:-75}" $py benchmarks/bench_triton_train.py \
+  --sizes ${BENCH_TRAIN_SIZES:-1x64 16x64 128x64 128x128} ${BENCH_TRAIN_CONFIGS:+--configs $BENCH_TRAIN_CONFIGS} \
+  --json "$out/bench_triton_train.json"
 
 if want train; then
   for kernels in auto reference; do
@@ -80,7 +83,7 @@ fi
 
 # shellcheck disable=SC2086
 want latency && step latency "${LATENCY_TIMEOUT:-400}" $py -m dbae.cli.main bench latency --preset ffhq128 \
-  --device cuda --runners ${LATENCY_RUNNERS:-eager cuda-graph cuda-graph-compiled} --steps 4 10 --batches 1 8 \
+  --device cuda --runners ${LATENCY_RUNNERS:-eager cuda-graph cuda-graph-compiled} --steps 4 10 --batches ${LATENCY_BATCHES:-1 8} \
   --precision bf16 --runs 20 --out "$out/latency"
 
 # the paper's Table 5 setting on this GPU: DBAE against DiffAE and PDAE (random weights: cost only)

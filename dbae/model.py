@@ -25,6 +25,23 @@ class LossOutput:
 
 
 @dataclass(frozen=True)
+class LossNoise:
+    """The random draws of :meth:`DBAE.loss` for a batch, made ahead of it
+    (:meth:`DBAE.draw_loss_noise`): z noise (None for DBAE-d), t, and the bridge noise eps
+    (None where the fused path makes it in-kernel). Rows belong to samples, so a slice of
+    a batch's draws is what that slice of the batch gets: how distributed training and
+    gradient accumulation give each micro-batch its share of the global batch's draws."""
+
+    z_eps: Tensor | None  # (B, z_dim)
+    t: Tensor  # (B,)
+    eps: Tensor | None  # (B, C, H, W)
+
+    def slice(self, start: int, stop: int) -> "LossNoise":
+        cut = lambda x: None if x is None else x[start:stop]  # noqa: E731
+        return LossNoise(cut(self.z_eps), self.t[start:stop], cut(self.eps))
+
+
+@dataclass(frozen=True)
 class ReconstructionResult:
     images: Tensor  # decoded images, clamped to [-1, 1]
     x_T: Tensor  # the endpoints Dec(z)
@@ -91,14 +108,17 @@ class DBAE(nn.Module):
         return self._posterior(x, sample=sample, generator=generator)[0]
 
     def _posterior(
-        self, x: Tensor, *, sample: bool, generator: torch.Generator | None
+        self, x: Tensor, *, sample: bool, generator: torch.Generator | None, eps: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """(z, mu, sig): the encoder's mean and scale (sig None for DBAE-d) and z, a
-        reparameterized sample mu + sig eps when ``sample`` and stochastic, else mu."""
+        reparameterized sample mu + sig eps when ``sample`` and stochastic, else mu
+        (``eps`` given: that noise, else drawn from ``generator``)."""
         self.check_images(x)
         mu, sig = self.encoder(x)
         if sample and sig is not None:
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            if eps is None:
+                eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            eps = eps.to(mu.dtype)
             return mu + sig * eps, mu, sig
         return mu, mu, sig
 
@@ -126,6 +146,22 @@ class DBAE(nn.Module):
         return self.unet(_per_sample(pre.c_in, x_t) * x_t, c_noise, x_T, z)
 
     # ----- training objective (SPEC 5) -----
+    def draw_loss_noise(
+        self, batch: int, *, generator: torch.Generator | None = None, device=None, eps: bool = True
+    ) -> LossNoise:
+        """The draws :meth:`loss` makes for a batch of ``batch`` images from ``generator``,
+        in the same order (z noise, t, eps), so ``loss(x0, noise=draw_loss_noise(B, generator=g))``
+        equals ``loss(x0, generator=g)`` on the reference path. ``eps=False`` skips eps
+        (the last draw), for the fused path that makes it in-kernel."""
+        c = self.config
+        z_eps = None
+        if self.encoder.stochastic:
+            z_eps = torch.randn((batch, c.z_dim), generator=generator, device=device, dtype=torch.float32)
+        t = self.bridge.sample_t(batch, generator=generator, device=device)
+        shape = (batch, c.image_channels, c.image_size, c.image_size)
+        e = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) if eps else None
+        return LossNoise(z_eps, t, e)
+
     def loss(
         self,
         x0: Tensor,
@@ -133,6 +169,7 @@ class DBAE(nn.Module):
         generator: torch.Generator | None = None,
         noise_seed: int | None = None,
         tc_weight: float = 0.0,
+        noise: LossNoise | None = None,
     ) -> LossOutput:
         """The DBAE loss of a batch (SPEC 5), with logged terms.
 
@@ -145,6 +182,9 @@ class DBAE(nn.Module):
         estimate of the total correlation of q(z) (:func:`dbae.losses.total_correlation`),
         logged as ``tc``. It needs the stochastic encoder (the estimator's densities are
         its Gaussians q(z|x)); with DBAE-d it raises ConfigError.
+
+        ``noise`` (from :meth:`draw_loss_noise`, or a slice of it) replaces the draws from
+        ``generator``; its eps is ignored on the fused path.
         """
         self.check_images(x0)
         B = x0.shape[0]
@@ -152,18 +192,24 @@ class DBAE(nn.Module):
             raise ConfigError(f"tc_weight must be >= 0, got {tc_weight}")
         if tc_weight > 0 and not self.encoder.stochastic:
             raise ConfigError(TC_NEEDS_STOCHASTIC)
-        z, mu, sig = self._posterior(x0, sample=self.encoder.stochastic, generator=generator)
+        if noise is not None and noise.t.shape[0] != B:
+            raise ValueError(f"noise drawn for {noise.t.shape[0]} images, batch has {B}")
+        z_eps = noise.z_eps if noise is not None else None
+        z, mu, sig = self._posterior(x0, sample=self.encoder.stochastic, generator=generator, eps=z_eps)
         x_T = self.endpoint(z)
-        t = self.bridge.sample_t(B, generator=generator, device=x0.device)
+        t = noise.t if noise is not None else self.bridge.sample_t(B, generator=generator, device=x0.device)
         if fused_training(x0.device):
-            per_sample, weight = self._fused_loss_terms(x0, x_T, z, t, generator, noise_seed)
+            loss, per_sample = self._fused_loss(x0, x_T, z, t, generator, noise_seed)
         else:
-            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            if noise is not None and noise.eps is not None:
+                eps = noise.eps.to(x0.dtype)
+            else:
+                eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = self.bridge.marginal_sample(x0, x_T, t, eps)
             D = self.denoise(x_t, t, x_T, z)
             weight = self.bridge.loss_weight(t.to(torch.float64)).to(device=x0.device, dtype=torch.float32)
             per_sample = ((D.float() - x0.float()) ** 2).flatten(1).mean(1)
-        loss = (weight * per_sample).mean()
+            loss = (weight * per_sample).mean()
         logs = {
             "loss": loss.detach(),
             "mse": per_sample.detach().mean(),
@@ -178,12 +224,11 @@ class DBAE(nn.Module):
             logs["loss"] = loss.detach()
         return LossOutput(loss, logs)
 
-    def _fused_loss_terms(
+    def _fused_loss(
         self, x0: Tensor, x_T: Tensor, z: Tensor, t: Tensor, generator: torch.Generator | None, seed: int | None
     ) -> tuple[Tensor, Tensor]:
-        """Per-sample MSE and loss weight through the fused Triton ops (same math)."""
+        """(loss, per-sample MSE) through the fused Triton ops (same math)."""
         from .kernels import bridge_input, bridge_loss, bridge_table
-        from .kernels.table import WEIGHT
 
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x0.device))
@@ -191,7 +236,7 @@ class DBAE(nn.Module):
         _, x_in = bridge_input(x0, x_T, table, seed)
         c_noise = self.bridge.preconditioning(t.to(torch.float64)).c_noise.to(torch.float32)
         F = self.unet(x_in, c_noise, x_T, z)
-        return bridge_loss(F, x0, x_T, table, seed).mse, table[:, WEIGHT]
+        return bridge_loss(F, x0, x_T, table, seed)
 
     # ----- sampling (SPEC 6) -----
     @torch.no_grad()

@@ -5,8 +5,8 @@ j*BLOCK ... of sample b (P values per sample, images contiguous), so the per-sam
 coefficients are scalars loaded once per program from row b of the table. Arithmetic is
 float32; loads upcast, stores round to each output's dtype.
 
-Noise: one Philox4x32-10 call (``tl.randint4x``) gives four normals (two Box-Muller
-pairs). Program (j, b) makes TILE calls, with counters (b << 32) | (j*TILE + k), k < TILE,
+Noise: one Philox4x32 call (``tl.randint4x``, ROUNDS rounds: 10 by default, the
+standard Philox4x32-10) gives four normals (two Box-Muller pairs). Program (j, b) makes TILE calls, with counters (b << 32) | (j*TILE + k), k < TILE,
 and uses normal number q of call k for value j*BLOCK + q*TILE + k of sample b
 (BLOCK = 4 TILE): four contiguous quarters, one per Philox output. So eps[b, i] depends
 only on (seed, b, i), not on the batch size, and every kernel regenerates it from the
@@ -34,13 +34,19 @@ _SQRT_V = tl.constexpr(_table.SQRT_V)
 _C_IN = tl.constexpr(_table.C_IN)
 _C_SKIP = tl.constexpr(_table.C_SKIP)
 _C_OUT = tl.constexpr(_table.C_OUT)
+_WEIGHT = tl.constexpr(_table.WEIGHT)
 
 
 @triton.jit
 def _uniform(i):
-    """Random uint32 -> float32 uniform on [0, 1), from 31 bits (as ``tl.rand``)."""
-    i = i.to(tl.int32, bitcast=True)
-    return tl.where(i < 0, ~i, i) * 4.6566127342e-10
+    """Random uint32 -> float32 uniform on (0, 1] from its top 23 bits.
+
+    The bits become the mantissa of a float in [1, 2): integer operations and one
+    subtraction, no int-to-float conversion (a quarter-rate instruction, like the
+    transcendentals, and with Philox the cost of the kernels in bfloat16).
+    """
+    one_to_two = ((i.to(tl.uint32, bitcast=True) >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
+    return 2.0 - one_to_two
 
 
 # The decorators make interpreted kernels exactly when TRITON_INTERPRET=1 at import.
@@ -51,8 +57,8 @@ _FAST_MATH = tl.constexpr(not INTERPRETED)
 @triton.jit
 def _normal_pair(i1, i2):
     """Box-Muller: two independent N(0, 1) from two random uint32 (|values| < 5.7)."""
-    u1 = tl.maximum(1.0e-7, _uniform(i1))
-    theta = 6.283185307179586 * _uniform(i2) - 3.141592653589793  # uniform angle in [-pi, pi)
+    u1 = _uniform(i1)  # > 0: log(u1) is finite, |normal| <= sqrt(-2 log 2**-23) < 5.7
+    theta = 6.283185307179586 * _uniform(i2) - 3.141592653589793  # uniform angle in (-pi, pi]
     if _FAST_MATH:
         # one MUFU instruction each (sin/cos abs. error ~1e-6 for |theta| <= pi); the precise
         # versions cost tens of instructions and would make the kernels compute-bound in bf16
@@ -65,11 +71,11 @@ def _normal_pair(i1, i2):
 
 
 @triton.jit
-def _noise(seed):
+def _noise(seed, ROUNDS: tl.constexpr):
     """The four float32 N(0, 1) streams of this program, (TILE,) each, one per quarter."""
     b, j = tl.program_id(1), tl.program_id(0)
     counter = (b.to(tl.int64) << 32) | (j.to(tl.int64) * _TILE + tl.arange(0, _TILE))
-    i1, i2, i3, i4 = tl.randint4x(seed, counter)
+    i1, i2, i3, i4 = tl.randint4x(seed, counter, ROUNDS)
     n1, n2 = _normal_pair(i1, i2)
     n3, n4 = _normal_pair(i3, i4)
     return n1, n2, n3, n4
@@ -124,18 +130,18 @@ def _residual(F_ptr, x0_ptr, x_T_ptr, eps, offsets, mask, coefficients):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def noise_kernel(out_ptr, seed, P):
+def noise_kernel(out_ptr, seed, P, ROUNDS: tl.constexpr):
     """out = eps (float32), the noise that every other kernel regenerates."""
-    eps = _noise(seed)
+    eps = _noise(seed, ROUNDS)
     for q in tl.static_range(4):
         offsets, mask = _quarter(P, q)
         _store(out_ptr, offsets, mask, eps[q])
 
 
 @triton.jit(do_not_specialize=["seed"])
-def bridge_input_kernel(x0_ptr, x_T_ptr, table_ptr, x_t_ptr, x_in_ptr, seed, P):
+def bridge_input_kernel(x0_ptr, x_T_ptr, table_ptr, x_t_ptr, x_in_ptr, seed, P, ROUNDS: tl.constexpr):
     """x_t = a x_T + b x0 + sqrt(v) eps and x_in = c_in x_t in one pass."""
-    eps = _noise(seed)
+    eps = _noise(seed, ROUNDS)
     coefficients = _coefficients(table_ptr)
     _, _, _, c_in, _, _ = coefficients
     for q in tl.static_range(4):
@@ -172,9 +178,9 @@ def bridge_input_backward_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def bridge_mse_kernel(F_ptr, x0_ptr, x_T_ptr, table_ptr, partial_ptr, seed, P):
+def bridge_mse_kernel(F_ptr, x0_ptr, x_T_ptr, table_ptr, partial_ptr, seed, P, ROUNDS: tl.constexpr):
     """partial[b, j] = sum over the values of program (j, b) of (D - x0)^2."""
-    eps = _noise(seed)
+    eps = _noise(seed, ROUNDS)
     coefficients = _coefficients(table_ptr)
     total = tl.zeros((_TILE,), tl.float32)
     for q in tl.static_range(4):
@@ -184,8 +190,31 @@ def bridge_mse_kernel(F_ptr, x0_ptr, x_T_ptr, table_ptr, partial_ptr, seed, P):
     tl.store(partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), tl.sum(total, axis=0))
 
 
+@triton.jit
+def bridge_loss_finish_kernel(
+    partial_ptr, table_ptr, mse_ptr, loss_ptr, B, NUM_PARTIALS, P, ROWS: tl.constexpr, COLUMNS: tl.constexpr
+):
+    """One program: mse[b] = sum_j partial[b, j] / P and loss = mean_b(weight[b] mse[b]).
+
+    A fixed-order reduction (ROWS samples at a time, COLUMNS >= NUM_PARTIALS), so the loss is
+    deterministic: no atomics.
+    """
+    rows, columns = tl.arange(0, ROWS), tl.arange(0, COLUMNS)
+    total = tl.zeros((ROWS,), tl.float32)
+    for start in range(0, B, ROWS):
+        sample = start + rows
+        valid = sample < B
+        mask = valid[:, None] & (columns[None, :] < NUM_PARTIALS)
+        partial = tl.load(partial_ptr + sample[:, None] * NUM_PARTIALS + columns[None, :], mask=mask, other=0.0)
+        mse = tl.sum(partial, axis=1) / P
+        tl.store(mse_ptr + sample, mse, mask=valid)
+        total += tl.where(valid, tl.load(table_ptr + sample * _NUM_COLUMNS + _WEIGHT, mask=valid, other=0.0) * mse, 0.0)
+    tl.store(loss_ptr, tl.sum(total, axis=0) / B)
+
+
 @triton.jit(do_not_specialize=["seed"])
-def bridge_mse_backward_kernel(
+def bridge_loss_backward_kernel(
+    grad_loss_ptr,
     grad_mse_ptr,
     F_ptr,
     x0_ptr,
@@ -196,13 +225,26 @@ def bridge_mse_backward_kernel(
     grad_x0_ptr,
     seed,
     P,
+    ROUNDS: tl.constexpr,
+    HAS_GRAD_LOSS: tl.constexpr,
+    HAS_GRAD_MSE: tl.constexpr,
     WANT_X0: tl.constexpr,
 ):
-    """With s = 2 grad_mse[b] / P * r: grad_F = c_out s, grad_x_T = a c_skip s, grad_x0 = b c_skip s - s."""
-    eps = _noise(seed)
+    """The gradients of (loss, mse) for upstream gradients grad_loss (scalar) and grad_mse (B,).
+
+    Per sample, g = grad_mse[b] + grad_loss weight[b] / B is the gradient of mse[b]; with
+    s = 2 g / P r: grad_F = c_out s, grad_x_T = a c_skip s, grad_x0 = b c_skip s - s.
+    """
+    eps = _noise(seed, ROUNDS)
     coefficients = _coefficients(table_ptr)
     a, b, _, _, c_skip, c_out = coefficients
-    scale = 2.0 / P * tl.load(grad_mse_ptr + tl.program_id(1))
+    g = 0.0
+    if HAS_GRAD_MSE:
+        g += tl.load(grad_mse_ptr + tl.program_id(1))
+    if HAS_GRAD_LOSS:
+        weight = tl.load(table_ptr + tl.program_id(1) * _NUM_COLUMNS + _WEIGHT)
+        g += tl.load(grad_loss_ptr) * weight / tl.num_programs(1)
+    scale = 2.0 / P * g
     for q in tl.static_range(4):
         offsets, mask = _quarter(P, q)
         s = scale * _residual(F_ptr, x0_ptr, x_T_ptr, eps[q], offsets, mask, coefficients)

@@ -10,11 +10,16 @@ never materialises the noise. Ops (``torch.ops.dbae.*``):
 
 - ``bridge_input(x0, x_T, table, seed) -> (x_t, x_in)``, outputs in the promoted dtype
   of x0 and x_T; backward to x_T (and x0 when it requires grad) needs only the table.
-- ``bridge_mse(F, x0, x_T, table, seed) -> mse`` (float32, (B,)): per-sample mean of
-  (c_skip x_t + c_out F - x0)^2; backward to F, x_T (and x0) regenerates x_t.
+- ``bridge_loss(F, x0, x_T, table, seed) -> (loss, mse)`` (float32, () and (B,)): mse[b] the
+  per-sample mean of (c_skip x_t + c_out F - x0)^2, loss = mean_b(weight[b] mse[b]); two
+  launches (the fused pass, then a one-program reduction); backward to F, x_T (and x0)
+  regenerates x_t.
 - ``bridge_reference_noise(shape, seed, device)``: the reference path's noise (opaque, so that
   generator-seeded ``torch.randn`` is traceable).
-- ``bridge_input_backward`` and ``bridge_mse_backward``: the backward passes.
+- ``bridge_input_backward`` and ``bridge_loss_backward``: the backward passes.
+
+Launch settings (:class:`LaunchConfig`: warps per program, Philox rounds) are module state
+that the benchmark sweeps; the defaults are what the tests and training use.
 
 Each op runs its Triton kernel or its PyTorch reference (:mod:`.reference`) as
 :mod:`.backend` decides. The two paths differ only in the noise: Philox in the kernels,
@@ -26,7 +31,9 @@ bfloat16 or float16 (each its own dtype; arithmetic is float32) and non-contiguo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -34,7 +41,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op
 
 from . import backend, reference
-from .table import WEIGHT, check_table
+from .table import check_table
 
 try:
     from torch.library import triton_op, wrap_triton  # torch >= 2.6
@@ -43,21 +50,58 @@ try:
         BLOCK,
         bridge_input_backward_kernel,
         bridge_input_kernel,
-        bridge_mse_backward_kernel,
+        bridge_loss_backward_kernel,
+        bridge_loss_finish_kernel,
         bridge_mse_kernel,
         noise_kernel,
     )
 except ImportError:  # no triton (or torch < 2.6): backend.use_triton() is then always False
     triton_op = wrap_triton = None
     BLOCK = bridge_input_kernel = bridge_input_backward_kernel = None
-    bridge_mse_kernel = bridge_mse_backward_kernel = noise_kernel = None
+    bridge_mse_kernel = bridge_loss_finish_kernel = bridge_loss_backward_kernel = noise_kernel = None
 
 Tensor = torch.Tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-NUM_WARPS = 4
 _MAX_BATCH = 65535  # CUDA limit of the grid's second dimension
 _MAX_SEED = 2**63
+
+
+# ----- launch settings -----
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the kernels are launched: warps per program, and the rounds of Philox4x32.
+
+    The rounds change the noise stream (not its distribution: Philox4x32-7 already passes
+    BigCrush; 10 is the standard margin), so runs compare only under equal settings.
+    """
+
+    num_warps: int = 4
+    philox_rounds: int = 10
+
+    def __post_init__(self) -> None:
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps must be a power of two from 1 to 32, got {self.num_warps}")
+        if not 1 <= self.philox_rounds <= 10:
+            raise ValueError(f"philox_rounds must lie in 1..10, got {self.philox_rounds}")
+
+
+_launch = LaunchConfig()
+
+
+def launch_config() -> LaunchConfig:
+    return _launch
+
+
+@contextmanager
+def launched_with(config: LaunchConfig) -> Iterator[None]:
+    """Run the kernels with ``config`` inside the block (the benchmark's sweep)."""
+    global _launch
+    previous, _launch = _launch, config
+    try:
+        yield
+    finally:
+        _launch = previous
 
 
 # ----- input checks and launch geometry -----
@@ -86,6 +130,10 @@ def _check_seed(seed: int) -> None:
 def _traced(x: Tensor) -> bool:
     """True under fake tensors (torch.compile tracing) or on the meta device: nothing runs."""
     return is_fake(x) or x.is_meta
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _launch_geometry(x: Tensor) -> tuple[int, tuple[int, int]]:
@@ -138,7 +186,9 @@ def _bridge_input(x0: Tensor, x_T: Tensor, table: Tensor, seed: int) -> tuple[Te
     P, grid = _launch_geometry(x0)
     x_t = torch.empty(x0.shape, dtype=torch.promote_types(x0.dtype, x_T.dtype), device=x0.device)
     x_in = torch.empty_like(x_t)
-    wrap_triton(bridge_input_kernel)[grid](x0, x_T, table, x_t, x_in, seed, P, num_warps=NUM_WARPS)
+    wrap_triton(bridge_input_kernel)[grid](
+        x0, x_T, table, x_t, x_in, seed, P, ROUNDS=_launch.philox_rounds, num_warps=_launch.num_warps
+    )
     return x_t, x_in
 
 
@@ -170,7 +220,7 @@ def _bridge_input_backward(
     wrap_triton(bridge_input_backward_kernel)[grid](
         grad_x_t, grad_x_in, table, grad_x_T, grad_x0, P,
         HAS_GRAD_X_T=grad_x_t is not None, HAS_GRAD_X_IN=grad_x_in is not None, WANT_X0=want_x0,
-        num_warps=NUM_WARPS,
+        num_warps=_launch.num_warps,
     )  # fmt: skip
     return [grad_x_T, grad_x0] if want_x0 else [grad_x_T]
 
@@ -194,59 +244,88 @@ def _bridge_input_grad(ctx, grad_x_t, grad_x_in):
 _bridge_input.register_autograd(_bridge_input_grad, setup_context=_bridge_input_setup)
 
 
-# ----- bridge_mse: per-sample squared error of the preconditioned denoiser -----
-@_op("dbae::bridge_mse")
-def _bridge_mse(F: Tensor, x0: Tensor, x_T: Tensor, table: Tensor, seed: int) -> Tensor:
+# ----- bridge_loss: the weighted loss and the per-sample squared error of the denoiser -----
+_FINISH_VALUES = 4096  # values of the partial-sum table that the finishing program loads at once
+
+
+@_op("dbae::bridge_loss")
+def _bridge_loss(F: Tensor, x0: Tensor, x_T: Tensor, table: Tensor, seed: int) -> tuple[Tensor, Tensor]:
     _check_images(x0=x0, x_T=x_T, F=F)
     check_table(table, x0.shape[0], x0.device)
     _check_seed(seed)
     F, x0, x_T, table = F.contiguous(), x0.contiguous(), x_T.contiguous(), table.contiguous()
     if not backend.use_triton(x0.device, traced=_traced(x0)):
-        return reference.bridge_mse(F, x0, x_T, table, _reference_eps(x0, seed))
+        mse = reference.bridge_mse(F, x0, x_T, table, _reference_eps(x0, seed))
+        return reference.weighted_loss(mse, table), mse
     P, grid = _launch_geometry(x0)
-    # one partial sum per program, then a fixed-order sum: deterministic, no atomics
+    # one partial sum per program, then one program sums them in a fixed order: deterministic
     partial = torch.empty((grid[1], grid[0]), dtype=torch.float32, device=x0.device)
-    wrap_triton(bridge_mse_kernel)[grid](F, x0, x_T, table, partial, seed, P, num_warps=NUM_WARPS)
-    return partial.sum(dim=1) / P
+    wrap_triton(bridge_mse_kernel)[grid](
+        F, x0, x_T, table, partial, seed, P, ROUNDS=_launch.philox_rounds, num_warps=_launch.num_warps
+    )
+    mse = torch.empty((grid[1],), dtype=torch.float32, device=x0.device)
+    loss = torch.empty((), dtype=torch.float32, device=x0.device)
+    columns = _next_power_of_2(grid[0])
+    rows = max(1, min(_FINISH_VALUES // columns, _next_power_of_2(grid[1])))
+    wrap_triton(bridge_loss_finish_kernel)[(1,)](
+        partial, table, mse, loss, grid[1], grid[0], P, ROWS=rows, COLUMNS=columns, num_warps=4
+    )
+    return loss, mse
 
 
-@_op("dbae::bridge_mse_backward")
-def _bridge_mse_backward(
-    grad_mse: Tensor, F: Tensor, x0: Tensor, x_T: Tensor, table: Tensor, seed: int, want_x0: bool
+@_op("dbae::bridge_loss_backward")
+def _bridge_loss_backward(
+    grad_loss: Tensor | None,
+    grad_mse: Tensor | None,
+    F: Tensor,
+    x0: Tensor,
+    x_T: Tensor,
+    table: Tensor,
+    seed: int,
+    want_x0: bool,
 ) -> list[Tensor]:
-    """[grad_F, grad_x_T] or [grad_F, grad_x_T, grad_x0] (``want_x0``)."""
+    """[grad_F, grad_x_T] or [grad_F, grad_x_T, grad_x0] (``want_x0``); one of grad_loss
+    (scalar) and grad_mse ((B,)) must be given."""
+    if grad_loss is None and grad_mse is None:
+        raise ValueError("bridge_loss_backward needs grad_loss or grad_mse")
     _check_images(x0=x0, x_T=x_T, F=F)
     check_table(table, x0.shape[0], x0.device)
     F, x0, x_T, table = F.contiguous(), x0.contiguous(), x_T.contiguous(), table.contiguous()
-    grad_mse = grad_mse.float().contiguous()
+    grad_loss = None if grad_loss is None else grad_loss.float().contiguous()
+    grad_mse = None if grad_mse is None else grad_mse.float().contiguous()
     if not backend.use_triton(x0.device, traced=_traced(x0)):
         eps = _reference_eps(x0, seed)
-        grads = reference.bridge_mse_backward(grad_mse, F, x0, x_T, table, eps)
+        per_sample = reference.loss_to_mse_grad(grad_loss, grad_mse, table)
+        grads = reference.bridge_mse_backward(per_sample, F, x0, x_T, table, eps)
         return list(grads if want_x0 else grads[:2])
     P, grid = _launch_geometry(x0)
     grad_F, grad_x_T = torch.empty_like(F), torch.empty_like(x_T)
     grad_x0 = torch.empty_like(x0) if want_x0 else None
-    wrap_triton(bridge_mse_backward_kernel)[grid](
-        grad_mse, F, x0, x_T, table, grad_F, grad_x_T, grad_x0, seed, P,
-        WANT_X0=want_x0, num_warps=NUM_WARPS,
+    wrap_triton(bridge_loss_backward_kernel)[grid](
+        grad_loss, grad_mse, F, x0, x_T, table, grad_F, grad_x_T, grad_x0, seed, P,
+        ROUNDS=_launch.philox_rounds, HAS_GRAD_LOSS=grad_loss is not None, HAS_GRAD_MSE=grad_mse is not None,
+        WANT_X0=want_x0, num_warps=_launch.num_warps,
     )  # fmt: skip
     return [grad_F, grad_x_T, grad_x0] if want_x0 else [grad_F, grad_x_T]
 
 
-def _bridge_mse_setup(ctx, inputs, output) -> None:
+def _bridge_loss_setup(ctx, inputs, output) -> None:
     F, x0, x_T, table, seed = inputs
     ctx.save_for_backward(F, x0, x_T, table)
     ctx.seed = seed
+    ctx.set_materialize_grads(False)  # an unused loss or mse costs nothing in the backward
 
 
-def _bridge_mse_grad(ctx, grad_mse):
+def _bridge_loss_grad(ctx, grad_loss, grad_mse):
+    if grad_loss is None and grad_mse is None:
+        return None, None, None, None, None
     F, x0, x_T, table = ctx.saved_tensors
     want_x0 = ctx.needs_input_grad[1]
-    grads = torch.ops.dbae.bridge_mse_backward(grad_mse, F, x0, x_T, table, ctx.seed, want_x0)
+    grads = torch.ops.dbae.bridge_loss_backward(grad_loss, grad_mse, F, x0, x_T, table, ctx.seed, want_x0)
     return grads[0], (grads[2] if want_x0 else None), grads[1], None, None
 
 
-_bridge_mse.register_autograd(_bridge_mse_grad, setup_context=_bridge_mse_setup)
+_bridge_loss.register_autograd(_bridge_loss_grad, setup_context=_bridge_loss_setup)
 
 
 # ----- public API -----
@@ -262,8 +341,7 @@ def bridge_input(x0: Tensor, x_T: Tensor, table: Tensor, seed: int) -> tuple[Ten
 
 def bridge_loss(F: Tensor, x0: Tensor, x_T: Tensor, table: Tensor, seed: int) -> BridgeLoss:
     """SPEC 5 loss mean_b(lambda_b mse_b) for the network output F at the x_t of ``seed``."""
-    mse = torch.ops.dbae.bridge_mse(F, x0, x_T, table, seed)
-    return BridgeLoss((table[:, WEIGHT] * mse).mean(), mse)
+    return BridgeLoss(*torch.ops.dbae.bridge_loss(F, x0, x_T, table, seed))
 
 
 def bridge_noise(shape: Sequence[int], seed: int, device: torch.device | str = "cpu") -> Tensor:
@@ -279,5 +357,5 @@ def bridge_noise(shape: Sequence[int], seed: int, device: torch.device | str = "
     out = torch.empty(shape, dtype=torch.float32, device=device)
     _check_images(eps=out)
     P, grid = _launch_geometry(out)
-    noise_kernel[grid](out, seed, P, num_warps=NUM_WARPS)
+    noise_kernel[grid](out, seed, P, ROUNDS=_launch.philox_rounds, num_warps=_launch.num_warps)
     return out

@@ -57,6 +57,21 @@ def bridge_mse(F: Tensor, x0: Tensor, x_T: Tensor, table: Tensor, eps: Tensor) -
     return (D - x0).square().flatten(1).mean(1)
 
 
+def weighted_loss(mse: Tensor, table: Tensor) -> Tensor:
+    """SPEC 5 loss: mean over samples of weight[b] mse[b] (float32 scalar)."""
+    return (table[:, col.WEIGHT] * mse).mean()
+
+
+def loss_to_mse_grad(grad_loss: Tensor | None, grad_mse: Tensor | None, table: Tensor) -> Tensor:
+    """The gradient of each mse[b] given those of (weighted_loss, mse): grad_mse + grad_loss weight / B."""
+    total = torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)
+    if grad_mse is not None:
+        total = total + grad_mse.float()
+    if grad_loss is not None:
+        total = total + grad_loss.float() * table[:, col.WEIGHT] / table.shape[0]
+    return total
+
+
 def bridge_input_backward(
     grad_x_t: Tensor | None,
     grad_x_in: Tensor | None,

@@ -41,6 +41,7 @@ import pytest  # noqa: E402
 from dbae.bridge import VPBridge  # noqa: E402
 from dbae.kernels import available, bridge_input, bridge_loss, bridge_noise, bridge_table  # noqa: E402
 from dbae.kernels import backend, reference  # noqa: E402
+from dbae.kernels.bridge_train import LaunchConfig, launched_with  # noqa: E402
 from dbae.kernels import table as col  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -191,8 +192,9 @@ def compile_(kernel, pointers, scalars, constants):
 bf16 = lambda *names: {name: "*bf16" for name in names}
 table = {"table_ptr": "*fp32"}
 ints, ints64 = {"seed": "i32", "P": "i32"}, {"seed": "i64", "P": "i32"}
-compile_(k.noise_kernel, {"out_ptr": "*fp32"}, ints, {})
-compile_(k.bridge_input_kernel, {**bf16("x0_ptr", "x_T_ptr", "x_t_ptr", "x_in_ptr"), **table}, ints64, {})
+rounds = {"ROUNDS": 10}
+compile_(k.noise_kernel, {"out_ptr": "*fp32"}, ints, rounds)
+compile_(k.bridge_input_kernel, {**bf16("x0_ptr", "x_T_ptr", "x_t_ptr", "x_in_ptr"), **table}, ints64, {"ROUNDS": 7})
 absent = {"grad_x_t_ptr": None, "grad_x0_ptr": None}
 flags = {"HAS_GRAD_X_T": False, "HAS_GRAD_X_IN": True, "WANT_X0": False}
 compile_(k.bridge_input_backward_kernel, {**bf16("grad_x_in_ptr", "grad_x_T_ptr"), **table}, {"P": "i32"},
@@ -200,10 +202,15 @@ compile_(k.bridge_input_backward_kernel, {**bf16("grad_x_in_ptr", "grad_x_T_ptr"
 all_grads = bf16("grad_x_t_ptr", "grad_x_in_ptr", "grad_x_T_ptr", "grad_x0_ptr")
 compile_(k.bridge_input_backward_kernel, {**all_grads, **table}, {"P": "i32"},
          {"HAS_GRAD_X_T": True, "HAS_GRAD_X_IN": True, "WANT_X0": True})
-compile_(k.bridge_mse_kernel, {**bf16("F_ptr", "x0_ptr", "x_T_ptr"), **table, "partial_ptr": "*fp32"}, ints, {})
-grads = {"grad_mse_ptr": "*fp32", **table, **bf16("F_ptr", "x0_ptr", "x_T_ptr", "grad_F_ptr", "grad_x_T_ptr")}
-compile_(k.bridge_mse_backward_kernel, grads, ints, {"grad_x0_ptr": None, "WANT_X0": False})
-compile_(k.bridge_mse_backward_kernel, {**grads, **bf16("grad_x0_ptr")}, ints, {"WANT_X0": True})
+compile_(k.bridge_mse_kernel, {**bf16("F_ptr", "x0_ptr", "x_T_ptr"), **table, "partial_ptr": "*fp32"}, ints, rounds)
+finish = {"partial_ptr": "*fp32", **table, "mse_ptr": "*fp32", "loss_ptr": "*fp32"}
+compile_(k.bridge_loss_finish_kernel, finish, {"B": "i32", "NUM_PARTIALS": "i32", "P": "i32"}, {"ROWS": 256, "COLUMNS": 16})
+grads = {"grad_loss_ptr": "*fp32", "grad_mse_ptr": "*fp32", **table,
+         **bf16("F_ptr", "x0_ptr", "x_T_ptr", "grad_F_ptr", "grad_x_T_ptr")}
+has = {"HAS_GRAD_LOSS": True, "HAS_GRAD_MSE": True}
+compile_(k.bridge_loss_backward_kernel, grads, ints, {**rounds, **has, "grad_x0_ptr": None, "WANT_X0": False})
+compile_(k.bridge_loss_backward_kernel, {**grads, **bf16("grad_x0_ptr")}, ints,
+         {**rounds, "HAS_GRAD_LOSS": True, "HAS_GRAD_MSE": False, "grad_mse_ptr": None, "WANT_X0": True})
 """
 
 
@@ -235,9 +242,9 @@ def step(x0, x_T, F, table, grad_mse):
     ops = torch.ops.dbae
     x_t, x_in = ops.bridge_input(x0, x_T, table, 5)
     return (
-        ops.bridge_mse(F, x0, x_T, table, 5),
+        ops.bridge_loss(F, x0, x_T, table, 5),
         ops.bridge_input_backward(None, x_in, table, x0.dtype, x_T.dtype, True),
-        ops.bridge_mse_backward(grad_mse, F, x0, x_T, table, 5, False),
+        ops.bridge_loss_backward(None, grad_mse, F, x0, x_T, table, 5, False),
     )
 
 with FakeTensorMode():
@@ -254,7 +261,10 @@ def test_ops_trace_into_their_kernels_for_cuda_tensors():
     env = {name: value for name, value in os.environ.items() if name not in ("TRITON_INTERPRET", backend.ENV_VAR)}
     run = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
-    expected = "bridge_input_backward_kernel bridge_input_kernel bridge_mse_backward_kernel bridge_mse_kernel"
+    expected = (
+        "bridge_input_backward_kernel bridge_input_kernel bridge_loss_backward_kernel bridge_loss_finish_kernel "
+        "bridge_mse_kernel"
+    )
     assert run.stdout.split() == expected.split(), run.stdout + run.stderr
 
 
@@ -309,6 +319,43 @@ def test_bridge_loss_matches_reference(mode, dtype, shape):
     got = bridge_loss(F, x0.detach(), x_T, table, SEED)
     for g, r in zip(_grad(got.loss, (F, x_T)), _grad(ref_loss, (F, x_T))):
         _assert_close(g, r, dtype)
+
+
+@pytest.mark.parametrize("upstream", ["mse", "loss_and_mse"])
+def test_bridge_loss_gradient_through_mse(mode, upstream):
+    """The per-sample mse is an output too (logged, or weighted again by a caller): its
+    gradient, alone or with the loss's, must reach F, x0 and x_T."""
+    x0, x_T, F, table = _inputs(ODD_SHAPE, (torch.float32,) * 3)
+    eps = bridge_noise(ODD_SHAPE, SEED, DEVICE)
+    w = torch.tensor([0.5, -2.0, 3.0], device=DEVICE)
+    got = bridge_loss(F, x0, x_T, table, SEED)
+    ref_mse = reference.bridge_mse(F, x0, x_T, table, eps)
+    objective = (w * got.mse).sum()
+    ref = (w * ref_mse).sum()
+    if upstream == "loss_and_mse":
+        objective = objective + 3 * got.loss
+        ref = ref + 3 * reference.weighted_loss(ref_mse, table)
+    for g, r in zip(_grad(objective, (F, x0, x_T)), _grad(ref, (F, x0, x_T))):
+        _assert_close(g, r, torch.float32)
+
+
+@needs_triton
+def test_launch_settings(monkeypatch):
+    """Warps per program change nothing but speed; Philox rounds change the stream; bad
+    settings are refused."""
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    x0, x_T, F, table = _inputs(MULTI_BLOCK_SHAPE, (torch.float32,) * 3)
+    default = bridge_loss(F, x0, x_T, table, SEED)
+    with launched_with(LaunchConfig(num_warps=8)):
+        assert torch.equal(bridge_loss(F, x0, x_T, table, SEED).mse, default.mse)
+        assert torch.equal(bridge_noise((2, 50), SEED, DEVICE), bridge_noise((2, 50), SEED, DEVICE))
+    with launched_with(LaunchConfig(philox_rounds=7)):
+        assert not torch.equal(bridge_noise((2, 50), SEED, DEVICE), bridge_noise((2, 50), SEED + 1, DEVICE))
+        seven = bridge_noise((2, 50), SEED, DEVICE)
+    assert not torch.equal(seven, bridge_noise((2, 50), SEED, DEVICE))
+    for bad in ({"num_warps": 3}, {"philox_rounds": 0}, {"philox_rounds": 11}):
+        with pytest.raises(ValueError):
+            LaunchConfig(**bad)
 
 
 def test_mixed_dtypes(mode):
@@ -369,10 +416,11 @@ def _corr(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @needs_triton
-@pytest.mark.parametrize("seed", [0, 1, 2**40 + 3])
-def test_noise_is_standard_normal(monkeypatch, seed):
+@pytest.mark.parametrize("seed,rounds", [(0, 10), (1, 10), (2**40 + 3, 10), (5, 7)])
+def test_noise_is_standard_normal(monkeypatch, seed, rounds):
     monkeypatch.setenv(backend.ENV_VAR, "triton")
-    eps = bridge_noise(NOISE_SHAPE, seed, DEVICE).flatten().double()
+    with launched_with(LaunchConfig(philox_rounds=rounds)):
+        eps = bridge_noise(NOISE_SHAPE, seed, DEVICE).flatten().double()
     n = eps.numel()
     assert torch.isfinite(eps).all()
     z = (eps - eps.mean()) / eps.std()
