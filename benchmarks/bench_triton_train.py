@@ -105,6 +105,15 @@ def gpu_ms(fn: Callable[[], object]) -> float | None:
     return sum(e.time_range.elapsed_us() for e in kernels) / GPU_TIME_CALLS / 1e3
 
 
+def same_size_copy_ms(bytes_moved: int) -> float | None:
+    """GPU milliseconds of a device-to-device copy that moves ``bytes_moved`` bytes (half read,
+    half written), timed like the ops: the bandwidth a kernel of this size can reach, launch
+    and ramp-up included (the 1 GiB copy gives the steady-state peak)."""
+    src = torch.empty(bytes_moved // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return gpu_ms(lambda: dst.copy_(src))
+
+
 def copy_bandwidth(bench) -> float:
     """Device-to-device copy bandwidth in GB/s (read + write of a 1 GiB tensor)."""
     src = torch.empty(COPY_BYTES // 4, dtype=torch.float32, device="cuda")
@@ -178,6 +187,7 @@ def bench_size(
         with launched_with(config):
             measure("fused", config)
     moved = {"input_fwd": 4 * n_bytes, "input_bwd": 2 * n_bytes, "loss_fwd": 3 * n_bytes, "loss_bwd": 5 * n_bytes}
+    same_size_copy = {op: same_size_copy_ms(bytes_moved) if device == "cuda" else None for op, bytes_moved in moved.items()}
     rows = []
     for config in configs:
         for op, bytes_moved in moved.items():
@@ -190,15 +200,17 @@ def bench_size(
                 "compiled_ms": times["compiled"][op], "fused_gpu_ms": gpu[config][op],
                 "eager_gpu_ms": gpu["eager"][op], "compiled_gpu_ms": gpu["compiled"][op],
                 "fused_GBps": bytes_moved / (fused * 1e-3) / 1e9,
+                "same_size_copy_gpu_ms": same_size_copy[op],
+                "same_size_copy_GBps": bytes_moved / (same_size_copy[op] * 1e-3) / 1e9 if same_size_copy[op] else None,
             })  # fmt: skip
     return rows
 
 
 def print_table(rows: list[dict], copy_gbps: float | None) -> None:
     """GPU (kernel) times with GB/s and speedups; then the call times, host side included."""
-    columns = ("op", "B", "HxW", "dtype", "warps:rounds", "fused us", "GB/s", "% copy", "eager us", "x eager",
-               "comp us", "x comp", "| call us:", "fused", "eager", "comp")  # fmt: skip
-    widths = (10, 4, 8, 9, 12, 9, 7, 7, 9, 8, 8, 7, 9, 8, 8, 8)
+    columns = ("op", "B", "HxW", "dtype", "warps:rounds", "fused us", "GB/s", "% copy", "% same", "eager us",
+               "x eager", "comp us", "x comp", "| call us:", "fused", "eager", "comp")  # fmt: skip
+    widths = (10, 4, 8, 9, 12, 9, 7, 7, 7, 9, 8, 8, 7, 9, 8, 8, 8)
     line = lambda cells: " ".join(f"{c:{'<' if i == 0 else '>'}{w}}" for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
 
     def us(ms):
@@ -207,7 +219,8 @@ def print_table(rows: list[dict], copy_gbps: float | None) -> None:
     def ratio(slow, fast):
         return "-" if slow is None or fast is None else f"{slow / fast:.2f}x"
 
-    print("Times in microseconds; GB/s, % of copy and the speedups from GPU kernel time.")
+    print("Times in microseconds; GB/s, % of copy and the speedups from GPU kernel time. % copy: of the 1 GiB")
+    print("copy's bandwidth (steady state); % same: of a copy moving the op's bytes, timed the same way.")
     print(line(columns))
     for r in rows:
         fused_gpu = r["fused_gpu_ms"]
@@ -215,6 +228,7 @@ def print_table(rows: list[dict], copy_gbps: float | None) -> None:
             r["op"], r["batch"], f"{r['side']}x{r['side']}", r["dtype"], f"{r['num_warps']}:{r['philox_rounds']}",
             us(fused_gpu),
             f"{r['fused_GBps']:.1f}", f"{100 * r['fused_GBps'] / copy_gbps:.1f}%" if copy_gbps else "-",
+            f"{100 * r['fused_GBps'] / r['same_size_copy_GBps']:.1f}%" if r["same_size_copy_GBps"] else "-",
             us(r["eager_gpu_ms"]), ratio(r["eager_gpu_ms"], fused_gpu),
             us(r["compiled_gpu_ms"]), ratio(r["compiled_gpu_ms"], fused_gpu),
             "", us(r["fused_ms"]), us(r["eager_ms"]), us(r["compiled_ms"]),
