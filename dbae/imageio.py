@@ -12,6 +12,7 @@ destination under a temporary name and then renamed over it; parent folders are 
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 from pathlib import Path
@@ -67,12 +68,23 @@ def open_rgb(path: PathLike) -> Image.Image:
         raise DataError(f"{path}: no such file")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not an image file")
+    return _decode_rgb(path, str(path))
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """Decode encoded image bytes (a record of an LMDB or a member of a zip file) into
+    an RGB image, like :func:`open_rgb`; errors name ``name`` (e.g. ``file.lmdb: record
+    '128-00005'``)."""
+    return _decode_rgb(io.BytesIO(data), name)
+
+
+def _decode_rgb(source, name: str) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             return _to_rgb(ImageOps.exif_transpose(im))
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from exc
+        raise DataError(f"{name}: not a readable image ({exc})") from exc
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

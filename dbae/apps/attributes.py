@@ -29,6 +29,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from safetensors.torch import save_file
 
+from ..data.attributes import read_attribute_table
 from ..data.shapes import FACTORS, ShapesDataset, render
 from ..errors import CheckpointError, ConfigError, DataError
 from ..imageio import load_images
@@ -96,6 +97,20 @@ def shapes_labels(factors: Tensor) -> AttributeLabels:
     return AttributeLabels(names, kinds, torch.stack(columns, dim=1))
 
 
+def shapes_binary_labels(factors: Tensor) -> AttributeLabels:
+    """Binary attributes only, for TAD: the one-vs-rest attributes of the discrete factors,
+    then each continuous factor binarised at the middle of its range (``size>0.35``, ...)."""
+    labels = shapes_labels(factors)
+    keep = [i for i, k in enumerate(labels.kinds) if k == BINARY]
+    names, cols = [labels.names[i] for i in keep], [labels.values[:, i] for i in keep]
+    for k, f in enumerate(FACTORS):
+        if not f.discrete:
+            mid = (f.low + f.high) / 2
+            names.append(f"{f.name}>{mid:.3g}")
+            cols.append((factors[:, k] > mid).float())
+    return AttributeLabels(tuple(names), (BINARY,) * len(names), torch.stack(cols, 1))
+
+
 def shapes_images(image_size: int, n: int, seed: int, split: str, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor]]:
     """Batches (images, factors) of the first ``n`` items of the shapes split."""
     data = ShapesDataset(image_size=image_size, length=max(n, 1), seed=seed, split=split)
@@ -116,43 +131,11 @@ class AttributeFile:
 def read_attribute_file(path: Path, limit: int | None = None) -> AttributeFile:
     """Parse a ``list_attr_celeba.txt``-style file: line 1 the number of images, line 2
     the attribute names, then ``filename v1 ... vk`` per image with values -1/1 (0/1 is
-    accepted too; 1 means the attribute is present). ``limit``: read only the first rows."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"attribute file {path} does not exist")
-    try:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read attribute file {path} ({exc})") from None
-    if len(lines) < 3:
-        raise DataError(f"{path}: expected a count line, a line of attribute names and at least one image row")
-    try:
-        count = int(lines[0].split()[0])
-    except ValueError:
-        raise DataError(f"{path}: line 1 should be the number of images, got {lines[0][:60]!r}") from None
-    names = tuple(lines[1].split())
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: attribute names repeat on line 2")
-    rows = lines[2:]
-    if len(rows) != count:
-        raise DataError(f"{path}: line 1 announces {count} images but {len(rows)} rows follow")
-    if limit is not None:
-        rows = rows[:limit]
-    files, values = [], []
-    for lineno, row in enumerate(rows, start=3):
-        parts = row.split()
-        if len(parts) != len(names) + 1:
-            raise DataError(f"{path}:{lineno}: expected a file name and {len(names)} values, got {len(parts)} fields")
-        try:
-            vals = [int(v) for v in parts[1:]]
-        except ValueError:
-            raise DataError(f"{path}:{lineno}: attribute values must be -1/1 or 0/1 integers") from None
-        if any(v not in (-1, 0, 1) for v in vals):
-            raise DataError(f"{path}:{lineno}: attribute values must be -1/1 or 0/1")
-        files.append(parts[0])
-        values.append([1.0 if v == 1 else 0.0 for v in vals])
-    labels = AttributeLabels(names, (BINARY,) * len(names), torch.tensor(values, dtype=torch.float32))
-    return AttributeFile(tuple(files), labels)
+    accepted too; 1 means the attribute is present). ``limit``: read only the first rows.
+    The parser is :func:`dbae.data.attributes.read_attribute_table`."""
+    table = read_attribute_table(path, limit)
+    labels = AttributeLabels(table.names, (BINARY,) * len(table.names), table.values)
+    return AttributeFile(table.files, labels)
 
 
 def attribute_file_images(

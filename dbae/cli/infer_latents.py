@@ -19,7 +19,8 @@ HELP = "encode a dataset to latents z and store them with per-dimension statisti
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(p)
     p.add_argument("--dataset",
-                   help="'shapes' (built-in) or a folder of images (default: the checkpoint's training data)")
+                   help="'shapes' (built-in), a folder of images, a .zip file or an LMDB "
+                        "(default: the checkpoint's training data)")
     p.add_argument("--split", choices=["train", "test"], default="train",
                    help="split of the built-in data (default train)")
     p.add_argument("--seed", type=int, help="seed of the built-in data (default: the checkpoint's training seed)")
@@ -38,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     train_cfg = loaded.preset.train
     spec = args.dataset or train_cfg.dataset
     seed = train_cfg.seed if args.seed is None else args.seed
-    if spec != "shapes" and not Path(spec).is_dir():
-        raise DataError(f"--dataset {spec!r} is neither 'shapes' nor a folder of images")
+    if spec != "shapes" and not Path(spec).exists():
+        raise DataError(f"--dataset {spec!r} is neither 'shapes' nor a folder of images, a .zip file or an LMDB")
     dataset = build_dataset(spec, model.config.image_size, seed=seed, split=args.split)
     count = len(dataset) if args.n is None else args.n
     device = next(model.parameters()).device

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import DBAEError
-from . import bench, encode, export, info, reconstruct, train
+from . import bench, data, encode, export, info, reconstruct, train
 from . import generate, infer_latents, train_prior
 from . import interpolate, manipulate, train_classifier
 from . import eval as eval_cmd
@@ -15,7 +15,7 @@ COMMANDS = {"train": train, "reconstruct": reconstruct, "encode": encode, "info"
             "export": export,
             "infer-latents": infer_latents, "train-prior": train_prior, "generate": generate,
             "interpolate": interpolate, "train-classifier": train_classifier, "manipulate": manipulate,
-            "eval": eval_cmd}
+            "eval": eval_cmd, "data": data}
 
 
 def build_parser() -> argparse.ArgumentParser:

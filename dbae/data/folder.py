@@ -18,8 +18,9 @@ class ImageFolderDataset(Dataset):
     with :func:`dbae.imageio.resize_square` (shorter side to S then centre crop, or a plain
     squash to S x S with ``center_crop=False``); ``label`` is an empty float32 tensor of
     shape (0,) because a folder carries no known factors (batches collate to (B, 0)). The
-    file of item ``i`` is ``paths[i]``. Files are decoded on access, so a corrupt file
-    raises :class:`~dbae.errors.DataError` naming it when it is first read.
+    file of item ``i`` is ``paths[i]`` (``item_names[i]`` relative to ``root``). Files are
+    decoded on access, so a corrupt file raises :class:`~dbae.errors.DataError` naming it
+    when it is first read.
     """
 
     def __init__(self, root: PathLike, image_size: int, center_crop: bool = True):
@@ -27,6 +28,12 @@ class ImageFolderDataset(Dataset):
         self.image_size = check_image_size(image_size)
         self.center_crop = center_crop
         self.paths = find_images(self.root)
+        self.source = self.root
+
+    @property
+    def item_names(self) -> list[str]:
+        """The path of each item relative to ``root``, with ``/`` separators."""
+        return [p.relative_to(self.root).as_posix() for p in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
