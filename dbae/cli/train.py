@@ -1,40 +1,79 @@
-"""``dbae train``: train a DBAE from a preset, with exact resume."""
+"""``dbae train``: train a DBAE from a preset, with exact resume; one process, or one per
+device under ``torchrun`` (see README, "Multi-GPU training")."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from pathlib import Path
 
 from ..config import PRESETS, get_preset
+from ..errors import DBAEError
 from ..training import TrainOptions, override, train
+from ..training.distributed import env_rank, session
 
 HELP = "train a DBAE model"
+
+
+def _resume_mode(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes 'auto' (or nothing), not {value!r}")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="shapes16", choices=sorted(PRESETS), help="model + training preset")
     p.add_argument("--out", type=Path, help="run directory (default runs/<preset>)")
     p.add_argument("--steps", type=int, help="total optimisation steps")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int,
+                   help="global batch per step, summed over all ranks and accumulation micro-batches")
+    p.add_argument("--grad-accum", type=int,
+                   help="micro-batches per rank and step (gradient accumulation; default 1): each rank "
+                        "processes batch-size / (ranks x grad-accum) images at a time")
     p.add_argument("--lr", type=float)
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="mixed precision on CUDA")
     p.add_argument("--seed", type=int)
     p.add_argument("--dataset", help="'shapes' (built-in) or a folder of images")
     p.add_argument("--log-every", type=int)
-    p.add_argument("--sample-every", type=int, help="steps between reconstruction grids")
+    p.add_argument("--sample-every", type=int, help="steps between reconstruction grids (and best-checkpoint checks)")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    p.add_argument("--keep-last", type=int,
+                   help="periodic checkpoints kept (default 3); checkpoints/best.safetensors is kept apart")
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     p.add_argument("--tc-weight", type=float,
                    help="weight of the total-correlation penalty on z (DBAE+TC; stochastic encoder only; default 0)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, type=_resume_mode, metavar="auto",
+                   help="continue the run in --out from its newest intact checkpoint (start a new one if it has "
+                        "none); '--resume' alone means the same")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu or cuda[:N]; under torchrun auto, cpu or cuda (each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    rank = env_rank()
+    try:
+        return _run(args)
+    except DBAEError as exc:
+        if rank == 0:
+            raise
+        if getattr(exc, "all_ranks", False):
+            return 2  # the same error on every rank: rank 0 reports it
+        raise type(exc)(f"rank {rank}: {exc}") from None
+    except Exception as exc:
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun: its failure summary names this error
+            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+            handler = get_error_handler()
+            handler.initialize()
+            handler.record_exception(exc)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     preset = override(
         get_preset(args.preset),
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
@@ -43,18 +82,23 @@ def run(args: argparse.Namespace) -> int:
         tc_weight=args.tc_weight,
     )
     out = args.out or Path("runs") / preset.name
-    result = train(
-        preset,
-        TrainOptions(out=out, resume=args.resume, compile=args.compile, device=args.device,
-                     progress=not args.no_progress),
-    )
+    with session(args.device) as dist:
+        result = train(
+            preset,
+            TrainOptions(out=out, resume=args.resume is not None, compile=args.compile, device=args.device,
+                         progress=not args.no_progress, keep_last=3 if args.keep_last is None else args.keep_last,
+                         grad_accum=1 if args.grad_accum is None else args.grad_accum, dist=dist),
+        )
+    if dist is not None and not dist.is_main:
+        return 0 if result.stopped_by is None else 128 + result.stopped_by
     if result.stopped_by is not None:
         name = signal.Signals(result.stopped_by).name
         print(f"stopped by {name} at step {result.step}; checkpoint {result.checkpoint}. "
-              f"Continue with the same command plus --resume")
+              f"Continue with the same command plus --resume auto")
         return 128 + result.stopped_by
     before = result.eval_untrained
-    print(f"trained {preset.name} to step {result.step}: checkpoint {result.checkpoint}")
+    world = "" if dist is None else f" on {dist.world_size} ranks"
+    print(f"trained {preset.name} to step {result.step}{world}: checkpoint {result.checkpoint}")
     if before is not None:
         print(f"  untrained : MSE {before['mse']:.4f}  PSNR {before['psnr']:.2f} dB  SSIM {before['ssim']:.3f}")
     after = result.eval

@@ -22,14 +22,25 @@ class StepBatchSampler(Sampler[list[int]]):
     """Yields the index lists of steps ``start_step .. end_step - 1``.
 
     The data is walked epoch by epoch, each epoch a fresh permutation seeded by
-    (seed, epoch); the batch of a step depends only on (seed, step, batch size).
+    (seed, epoch) (as DistributedSampler's ``set_epoch`` seeding, but with no state to
+    set); the global batch of a step depends only on (seed, step, batch size).
+
+    With ``world_size`` ranks each yields its contiguous share of every global batch
+    (rank r: positions ``r*b .. (r+1)*b - 1``, ``b = batch_size / world_size``), so the
+    ranks together see exactly the batch a single process would.
     """
 
-    def __init__(self, length: int, batch_size: int, seed: int, start_step: int, end_step: int) -> None:
+    def __init__(
+        self, length: int, batch_size: int, seed: int, start_step: int, end_step: int,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:
         if length < 1:
             raise ValueError("cannot sample batches from an empty dataset")
+        if batch_size % world_size or not (0 <= rank < world_size):
+            raise ValueError(f"batch {batch_size} cannot be split evenly into {world_size} ranks (rank {rank})")
         self.length, self.batch_size, self.seed = length, batch_size, seed
         self.start_step, self.end_step = start_step, end_step
+        self.rank, self.world_size = rank, world_size
 
     @lru_cache(maxsize=2)
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -44,9 +55,14 @@ class StepBatchSampler(Sampler[list[int]]):
             out.append(int(self._permutation(epoch)[pos]))
         return out
 
+    def rank_indices(self, step: int) -> list[int]:
+        """This rank's share of the global batch of ``step``."""
+        share = self.batch_size // self.world_size
+        return self.indices(step)[self.rank * share : (self.rank + 1) * share]
+
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.end_step):
-            yield self.indices(step)
+            yield self.rank_indices(step)
 
     def __len__(self) -> int:
         return max(0, self.end_step - self.start_step)

@@ -9,7 +9,9 @@ One file per checkpoint, ``<run>/checkpoints/step-00001000.safetensors``, holdin
 
 A file is first written to a temporary name in the same directory, flushed to disk and
 then renamed over the final name, so a crash can never leave a half-written checkpoint
-under a checkpoint's name.
+under a checkpoint's name. The trainer also records every checkpoint's sha256 in
+``checkpoints/manifest.json`` (:mod:`dbae.training.manifest`) before that rename, and
+:func:`latest_valid_checkpoint` skips a file whose bytes no longer match it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -48,20 +50,56 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.safetensors"
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then atomically move the result to ``path``."""
+#: suffix of the temporary files of :func:`atomic_write` (hidden: named ``.<final name>.<random>.tmp``)
+PARTIAL_SUFFIX = ".tmp"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write, before_replace: Callable[[str], None] | None = None) -> None:
+    """Call ``write(tmp_path)`` then atomically move the result to ``path``.
+
+    ``before_replace(tmp_path)`` runs on the finished, flushed temporary file just before
+    the rename (the trainer records the file's hash in the manifest there)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_partial_files(directory: Path) -> list[Path]:
+    """Delete the temporary files that a killed process left in ``directory`` mid-write
+    (never under a final name); returns them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(PARTIAL_SUFFIX)]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -100,6 +138,7 @@ def write_weights_file(
     model: dict[str, torch.Tensor],
     ema: dict[str, torch.Tensor],
     optim: dict[str, Any] | None = None,
+    before_replace: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a safetensors file atomically: tensors ``model.*``, ``ema.*`` and the optimizer's
     ``optim.<i>.<key>`` (its non-tensor state as JSON in metadata ``optim``), plus ``metadata``.
@@ -112,7 +151,7 @@ def write_weights_file(
         tensors.update(optim_tensors)
         metadata["optim"] = json.dumps(optim_meta)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata), before_replace)
     return Path(path)
 
 
@@ -141,11 +180,15 @@ def save_checkpoint(
     ema: dict[str, torch.Tensor],
     optim: dict[str, Any] | None = None,
     scaler: dict[str, Any] | None = None,
+    extra: dict[str, str] | None = None,
+    before_replace: Callable[[str], None] | None = None,
 ) -> Path:
-    metadata = {"format": FORMAT, "preset": dumps(preset), "step": str(step)}
+    """``extra``: more string metadata (e.g. the best checkpoint's metric);
+    ``before_replace``: see :func:`atomic_write`."""
+    metadata = {**(extra or {}), "format": FORMAT, "preset": dumps(preset), "step": str(step)}
     if scaler:
         metadata["scaler"] = json.dumps(scaler)
-    return write_weights_file(path, metadata, model, ema, optim)
+    return write_weights_file(path, metadata, model, ema, optim, before_replace)
 
 
 def read_tagged_safetensors(path: Path, file_format: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -214,14 +257,30 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def verify_checkpoint(path: Path) -> None:
+    """CheckpointError unless ``path`` is intact: its sha256 matches the run's manifest
+    (:mod:`dbae.training.manifest`), or, for a file the manifest does not list, all of it
+    reads back."""
+    from .manifest import verify
+
+    path = Path(path)
+    try:
+        hashed = verify(path)
+        read_metadata(path)
+        if not hashed:
+            load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
+
+
 def latest_valid_checkpoint(directory: Path, warn=print) -> Path | None:
-    """The newest checkpoint whose header reads back; unreadable ones are skipped with a warning."""
+    """The newest intact checkpoint (:func:`verify_checkpoint`); corrupt or truncated ones
+    are skipped with a warning."""
     for step, path in reversed(list_checkpoints(directory)):
         try:
-            read_metadata(path)
-            load_file(str(path))
-        except (CheckpointError, SafetensorError, OSError, ValueError) as exc:
-            warn(f"warning: skipping unreadable checkpoint {path}: {exc}")
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            warn(f"warning: skipping checkpoint {path.name}: {exc}")
             continue
         return path
     return None

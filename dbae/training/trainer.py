@@ -4,6 +4,17 @@ Exact resume: every random draw of step ``s`` (data order, t, eps, z noise, drop
 seeded from ``(seed, s)``, and a checkpoint stores the weights, EMA weights, optimizer and
 loss-scaler state, so a run resumed from step ``s`` continues bit-for-bit like the
 uninterrupted run.
+
+Distributed (``torchrun``, :mod:`dbae.training.distributed`): the global batch of a step
+(``batch_size``) is split into ``world_size x grad_accum`` equal micro-batches; rank r takes
+the r-th share of the global index list and of the step's random draws (t, z noise, eps are
+drawn for the whole global batch from the step's seed, :meth:`DBAE.draw_loss_noise`, and
+sliced), and each micro-batch's loss is weighted so that the averaged gradient is that of
+the global batch's mean loss. Training on any number of ranks therefore follows the same
+trajectory as one process with the same global batch, up to float rounding (exactly so on
+the reference path with dropout 0 and tc_weight 0: dropout masks, the fused kernels' in-kernel
+noise and the total-correlation estimate are per micro-batch). Rank 0 alone logs, evaluates
+and writes; every rank holds the same weights and EMA (checked at every checkpoint).
 """
 
 from __future__ import annotations
@@ -14,28 +25,23 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import Preset, dumps
+from ..config import Preset, dumps, preset_from_dict
 from ..data import build_dataset
-from ..errors import ConfigError, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..imageio import save_grid
 from ..metrics import summarize
-from ..model import DBAE, TC_NEEDS_STOCHASTIC
+from ..model import DBAE, TC_NEEDS_STOCHASTIC, LossNoise, fused_training
 from .batches import StepBatchSampler, step_seed
-from .checkpoint import (
-    atomic_write_text,
-    checkpoint_name,
-    latest_valid_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_state_strict,
-    save_checkpoint,
-)
+from .checkpoint import atomic_write_text, checkpoint_name, load_checkpoint, load_state_strict, read_metadata
+from .distributed import DistContext, all_ranks
 from .ema import EMA
+from .keeper import CheckpointKeeper
 from .metrics_log import MetricsLog
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,6 +59,11 @@ class TrainOptions:
     keep_last: int = 3
     eval_images: int = 64
     log: Callable[[str], None] = print
+    #: micro-batches per rank and step (gradient accumulation): the global batch
+    #: ``batch_size`` is split into ``world_size * grad_accum`` equal micro-batches
+    grad_accum: int = 1
+    #: this process's place in a torchrun job (None: a single process on ``device``)
+    dist: DistContext | None = None
 
 
 @dataclass
@@ -81,6 +92,36 @@ def _check_same_model(stored: Preset, wanted: Preset, path: Path) -> None:
             f"{path} was trained with another model configuration (preset {stored.name!r}) than the one "
             f"asked for now (preset {wanted.name!r}); resume with the same preset, or choose another --out"
         )
+
+
+def _chunk_seed(seed: int, step: int, chunk: int, stream: int) -> int:
+    """The seed of ``stream`` for micro-batch ``chunk`` of a step; chunk 0 keeps the
+    single-process seed (so one process without accumulation is unchanged)."""
+    return step_seed(seed, step, stream) if chunk == 0 else step_seed(step_seed(seed, step, stream), chunk, 3)
+
+
+class _LossModule(nn.Module):
+    """``model.loss`` as a forward, so DistributedDataParallel sees (and syncs) the call."""
+
+    def __init__(self, model: DBAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0, z_eps, t, eps, noise_seed: int, tc_weight: float):
+        out = self.model.loss(x0, noise=LossNoise(z_eps, t, eps), noise_seed=noise_seed, tc_weight=tc_weight)
+        return out.loss, out.logs
+
+
+def _check_layout(batch: int, world: int, accum: int, keep_last: int) -> None:
+    if accum < 1:
+        raise all_ranks(ConfigError(f"--grad-accum must be >= 1, got {accum}"))
+    if keep_last < 1:
+        raise all_ranks(ConfigError(f"--keep-last must be >= 1, got {keep_last}"))
+    if batch % (world * accum):
+        raise all_ranks(ConfigError(
+            f"the global batch (--batch-size {batch}) must split evenly into {world} rank(s) x "
+            f"--grad-accum {accum} = {world * accum} micro-batches; choose a multiple of {world * accum}"
+        ))
 
 
 class _StopRequest:
@@ -124,10 +165,15 @@ class Trainer:
         self.options = options
         self.out = Path(options.out)
         self.ckpt_dir = self.out / "checkpoints"
-        self.device = resolve_device(options.device)
+        self.dist = options.dist or DistContext(device=resolve_device(options.device))
+        self.device = self.dist.device
+        self.log = options.log if self.dist.is_main else (lambda msg: None)
         cfg = preset.train
         if cfg.tc_weight > 0 and not preset.model.encoder.stochastic:
-            raise ConfigError(TC_NEEDS_STOCHASTIC)
+            raise all_ranks(ConfigError(TC_NEEDS_STOCHASTIC))
+        _check_layout(cfg.batch_size, self.dist.world_size, options.grad_accum, options.keep_last)
+        self.micro_batch = cfg.batch_size // (self.dist.world_size * options.grad_accum)
+        self.keeper = CheckpointKeeper(self.ckpt_dir, options.keep_last, self.log)
         self.amp_dtype = AMP_DTYPES.get(cfg.precision) if self.device.type == "cuda" else None
 
         torch.manual_seed(cfg.seed)  # the initial weights are part of what the seed fixes
@@ -136,32 +182,60 @@ class Trainer:
         self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.step = 0
+        self.loss_module: nn.Module = _LossModule(self.model)
+        self.ddp: nn.Module | None = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = self.loss_module = DistributedDataParallel(self.loss_module, device_ids=ids)
 
         size = preset.model.image_size
         self.dataset = build_dataset(cfg.dataset, size, seed=cfg.seed, split="train")
-        self.eval_set = build_dataset(cfg.dataset, size, seed=cfg.seed, split="test")
-        self.eval_images = self._eval_batch(options.eval_images)
+        self.eval_images = None
+        if self.dist.is_main:
+            self.eval_set = build_dataset(cfg.dataset, size, seed=cfg.seed, split="test")
+            self.eval_images = self._eval_batch(options.eval_images)
 
     # ----- set-up -----
     def _eval_batch(self, n: int) -> torch.Tensor:
         n = min(n, len(self.eval_set))
         return torch.stack([self.eval_set[i][0] for i in range(n)])
 
-    def prepare_run_dir(self) -> None:
-        existing = list_checkpoints(self.ckpt_dir)
+    def _resume_point(self) -> Path | None:
+        """Rank 0's choice of the checkpoint to start from (None: a new run)."""
         if self.options.resume:
-            path = latest_valid_checkpoint(self.ckpt_dir, warn=self.options.log)
+            path = self.keeper.resume_point()
             if path is None:
-                self.options.log(f"no checkpoint in {self.ckpt_dir}: starting a new run")
-            else:
-                self.restore(path)
-        elif existing:
+                self.log(f"no checkpoint in {self.ckpt_dir}: starting a new run")
+            else:  # refuse another model here, once for all ranks
+                meta = read_metadata(path)
+                _check_same_model(preset_from_dict(json.loads(meta["preset"])), self.preset, path)
+            return path
+        existing = self.keeper.existing()
+        if existing:
             raise ConfigError(
                 f"{self.out} already holds a run (checkpoint at step {existing[-1][0]}); "
-                "pass --resume to continue it, or choose another --out"
+                "pass --resume auto to continue it, or choose another --out"
             )
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.json", dumps(self.preset) + "\n")
+        return None
+
+    def prepare_run_dir(self) -> None:
+        decision: tuple[str, Any] = ("start", None)
+        if self.dist.is_main:
+            try:
+                path = self._resume_point()
+                decision = ("start", None if path is None else str(path))
+            except (ConfigError, CheckpointError) as exc:
+                decision = (type(exc).__name__, str(exc))
+        kind, value = self.dist.broadcast_object(decision)  # every rank starts from the same point
+        if kind != "start":
+            raise all_ranks({"ConfigError": ConfigError, "CheckpointError": CheckpointError}[kind](value))
+        if value is not None:
+            self.restore(Path(value))
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.json", dumps(self.preset) + "\n")
 
     def restore(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
@@ -173,51 +247,79 @@ class Trainer:
         if ckpt.scaler:
             self.scaler.load_state_dict(ckpt.scaler)
         self.step = ckpt.step
-        self.options.log(f"resumed from {path} (step {self.step})")
+        self.log(f"resumed from {path} (step {self.step})")
 
-    def save(self) -> Path:
-        path = self.ckpt_dir / checkpoint_name(self.step)
-        save_checkpoint(
-            path,
+    def _state(self) -> dict[str, Any]:
+        return dict(
             preset=self.preset,
-            step=self.step,
             model=self.model.state_dict(),
             ema=self.ema.state_dict(),
             optim=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
         )
-        for _, old in list_checkpoints(self.ckpt_dir)[: -self.options.keep_last]:
-            old.unlink(missing_ok=True)
+
+    def save(self) -> Path:
+        """Write the checkpoint of the current step (rank 0; every rank must call it, for
+        the check that all ranks hold the same weights and EMA)."""
+        if not self.dist.in_sync([self.model, self.ema.module]):
+            self.log(f"warning: the ranks' weights drifted apart by step {self.step}; taking rank 0's")
+            self.dist.broadcast_modules([self.model, self.ema.module])
+        path = self.ckpt_dir / checkpoint_name(self.step)
+        if self.dist.is_main:
+            self.keeper.save(self.step, self._state())
         return path
 
     # ----- one step -----
-    def train_step(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, x_local: torch.Tensor, stop: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
+        """One optimisation step on this rank's share ``x_local`` of the global batch.
+
+        ``stop``: this process was asked to stop; returns (logs averaged over the global
+        batch, whether any rank was asked to stop), the same on every rank."""
         cfg = self.preset.train
-        seed = step_seed(cfg.seed, self.step)
-        torch.manual_seed(seed)  # dropout and anything else drawing from the global RNG
-        generator = torch.Generator(self.device).manual_seed(seed)
+        accum, micro, rank = self.options.grad_accum, self.micro_batch, self.dist.rank
+        if x_local.shape[0] != accum * micro:
+            raise ValueError(f"expected {accum * micro} images for this rank, got {x_local.shape[0]}")
+        generator = torch.Generator(self.device).manual_seed(step_seed(cfg.seed, self.step))
+        noise = self.model.draw_loss_noise(cfg.batch_size, generator=generator, device=self.device,
+                                           eps=not fused_training(self.device))
+        forward = self.loss_module
         self.model.train()
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
-        )
-        with autocast:
-            out = self.model.loss(x0, generator=generator, noise_seed=step_seed(cfg.seed, self.step, stream=2),
-                                  tc_weight=cfg.tc_weight)
-        loss = out.loss
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"the loss became {float(loss.detach())} at step {self.step + 1}; stopped without saving this step. "
-                f"The last good checkpoint in {self.ckpt_dir} is kept; lower the learning rate or use fp32"
-            )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        sums: dict[str, torch.Tensor] = {}
+        nonfinite = torch.zeros((), device=self.device)
+        for m in range(accum):
+            chunk = rank * accum + m  # its place in the global batch
+            start = chunk * micro
+            part = noise.slice(start, start + micro)
+            torch.manual_seed(_chunk_seed(cfg.seed, self.step, chunk, 0))  # dropout and other global-RNG draws
+            sync = self.ddp.no_sync() if self.ddp is not None and m < accum - 1 else nullcontext()
+            autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                        else nullcontext())
+            with sync:
+                with autocast:
+                    loss, logs = forward(x_local[m * micro : (m + 1) * micro], part.z_eps, part.t, part.eps,
+                                         _chunk_seed(cfg.seed, self.step, chunk, 2), cfg.tc_weight)
+                self.scaler.scale(loss / accum if accum > 1 else loss).backward()
+            nonfinite += (~torch.isfinite(loss.detach())).float()
+            for k, v in logs.items():
+                sums[k] = sums[k] + v.float() if k in sums else v.float()
+        # One collective per step: the logged terms, the divergence check and the stop flag.
+        stats = torch.stack([*sums.values(), nonfinite, torch.tensor(float(stop), device=self.device)])
+        stats = self.dist.all_reduce_sum(stats)
+        parts = self.dist.world_size * accum
+        logs = {k: stats[i] / parts for i, k in enumerate(sums)}
+        if float(stats[-2]) > 0:
+            raise all_ranks(TrainingDiverged(
+                f"the loss became {float(logs['loss'])} at step {self.step + 1}; stopped without saving this step. "
+                f"The last good checkpoint in {self.ckpt_dir} is kept; lower the learning rate or use fp32"
+            ))
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.ema.update(self.model)
         self.step += 1
-        return {**out.logs, "grad_norm": grad_norm.detach()}
+        return {**logs, "grad_norm": grad_norm.detach()}, bool(stats[-1] > 0)
 
     # ----- evaluation -----
     @torch.no_grad()
@@ -232,68 +334,97 @@ class Trainer:
         return {**stats, "nfe": rec.nfe}
 
     # ----- the loop -----
-    def fit(self) -> TrainResult:
+    def _evaluate_and_keep_best(self, grid: Path, metrics: MetricsLog | None) -> dict[str, float]:
+        """Rank 0: evaluate the EMA weights, log, and keep the state as the best checkpoint
+        when its eval MSE is the lowest so far."""
+        stats = self.evaluate(self.ema.module, grid)
+        if metrics is not None:
+            metrics.write({"step": self.step, **{f"eval_{k}": v for k, v in stats.items()}})
+        if self.keeper.offer_best(self.step, stats["mse"], self._state()):
+            self.log(f"step {self.step}: best eval MSE so far ({stats['mse']:.5f}), kept as "
+                     f"{self.ckpt_dir / 'best.safetensors'}")
+        return stats
+
+    def _loader(self) -> DataLoader:
         cfg = self.preset.train
-        self.prepare_run_dir()
-        samples = self.out / "samples"
-        eval_untrained = None
-        if self.step == 0:
-            eval_untrained = self.evaluate(self.model, samples / "step-00000000.png")
-            atomic_write_text(self.out / "eval_untrained.json", json.dumps(eval_untrained, indent=2) + "\n")
-        if self.options.compile:
-            for part in (self.model.encoder, self.model.decoder, self.model.unet):
-                part.compile()
-        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step)
-        sampler = StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.step, cfg.steps)
-        loader = DataLoader(
+        sampler = StepBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.step, cfg.steps,
+                                   rank=self.dist.rank, world_size=self.dist.world_size)
+        return DataLoader(
             self.dataset,
             batch_sampler=sampler,
             num_workers=cfg.num_workers,
             pin_memory=self.device.type == "cuda",
         )
+
+    def fit(self) -> TrainResult:
+        cfg = self.preset.train
+        main = self.dist.is_main
+        self.prepare_run_dir()
+        samples = self.out / "samples"
+        eval_untrained = None
+        if self.step == 0 and main:
+            eval_untrained = self.evaluate(self.model, samples / "step-00000000.png")
+            atomic_write_text(self.out / "eval_untrained.json", json.dumps(eval_untrained, indent=2) + "\n")
+        if self.options.compile:
+            for part in (self.model.encoder, self.model.decoder, self.model.unet):
+                part.compile()
+        metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step) if main else None
+        loader = self._loader()
         progress = None
-        if self.options.progress:
+        if self.options.progress and main:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         stop = _StopRequest()
+        stopping = False
         last_ckpt: Path | None = None
+        world = self.dist.world_size
         window_start, window_images = time.perf_counter(), 0
         try:
             with stop.installed():
                 for x0, _ in loader:
                     x0 = x0.to(self.device, non_blocking=True)
-                    logs = self.train_step(x0)
-                    window_images += x0.shape[0]
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    logs, stopping = self.train_step(x0, stop.requested)
+                    stopping = stopping or (not self.dist.enabled and stop.requested)
+                    window_images += cfg.batch_size  # the global batch: images of all ranks
+                    if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                         elapsed = time.perf_counter() - window_start
                         record = {k: float(v) for k, v in logs.items()}
-                        record.update(step=self.step, images_per_s=window_images / max(elapsed, 1e-9))
+                        total = window_images / max(elapsed, 1e-9)
+                        record.update(step=self.step, images_per_s=total, images_per_s_per_device=total / world,
+                                      world_size=world)
                         metrics.write(record)
                         window_start, window_images = time.perf_counter(), 0
                         if progress is not None:
-                            progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                            progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{total:.0f}",
+                                                 img_s_dev=f"{total / world:.0f}")
                     if progress is not None:
                         progress.update(1)
-                    if self.step % cfg.sample_every == 0 and self.step < cfg.steps:
-                        stats = self.evaluate(self.ema.module, samples / f"step-{self.step:08d}.png")
-                        metrics.write({"step": self.step, **{f"eval_{k}": v for k, v in stats.items()}})
-                    if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop.requested:
+                    paused = time.perf_counter()  # evaluation and checkpoints do not count as training time
+                    if main and self.step % cfg.sample_every == 0 and self.step < cfg.steps:
+                        self._evaluate_and_keep_best(samples / f"step-{self.step:08d}.png", metrics)
+                    if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stopping:
                         last_ckpt = self.save()
-                    if stop.requested:
+                    window_start += time.perf_counter() - paused
+                    if stopping:
                         break
         finally:
             if progress is not None:
                 progress.close()
-            metrics.close()
-        if stop.requested and self.step < cfg.steps:
-            return TrainResult(self.out, self.step, last_ckpt, None, eval_untrained, stopped_by=stop.signal)
+            if metrics is not None:
+                metrics.close()
+        if stopping and self.step < cfg.steps:
+            signum = stop.signal if stop.signal is not None else signal.SIGTERM  # another rank's signal
+            return TrainResult(self.out, self.step, last_ckpt, None, eval_untrained, stopped_by=signum)
         if last_ckpt is None:  # nothing left to train: the run was already complete
             last_ckpt = self.ckpt_dir / checkpoint_name(self.step)
-            if not last_ckpt.exists():
+            if not self.dist.broadcast_object(last_ckpt.exists()):
                 last_ckpt = self.save()
-        final = self.evaluate(self.ema.module, samples / "final.png")
-        atomic_write_text(self.out / "eval.json", json.dumps({"step": self.step, **final}, indent=2) + "\n")
+        final = None
+        if main:
+            final = self._evaluate_and_keep_best(samples / "final.png", None)
+            atomic_write_text(self.out / "eval.json", json.dumps({"step": self.step, **final}, indent=2) + "\n")
+        self.dist.barrier()  # the job ends when rank 0 has written everything
         return TrainResult(self.out, self.step, last_ckpt, final, eval_untrained)
 
 
