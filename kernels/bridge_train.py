@@ -24,8 +24,12 @@ that the benchmark sweeps; the defaults are what the tests and training use.
 Each op runs its Triton kernel or its PyTorch reference (:mod:`.reference`) as
 :mod:`.backend` decides. The two paths differ only in the noise: Philox in the kernels,
 ``torch.randn(generator=manual_seed(seed))`` in the reference. Inputs may be float32,
-bfloat16 or float16 (each its own dtype; arithmetic is float32) and non-contiguous
-(they are then copied to contiguous memory first).
+bfloat16 or float16 (each its own dtype; arithmetic is float32), contiguous or
+channels-last (4-D): the layout of ``x0`` decides, and the other images are brought to it
+(copied only if they differ; any other strides are copied to contiguous memory). The
+kernels run over memory order, so the Triton noise is eps[b, m] for memory position m of
+sample b in that layout: the same images in the two layouts get their noise in different
+places (both ops of a step see the same ``x0``, so they agree). Outputs keep the layout.
 """
 
 from __future__ import annotations
@@ -132,6 +136,18 @@ def _traced(x: Tensor) -> bool:
     return is_fake(x) or x.is_meta
 
 
+def _memory_format(x0: Tensor) -> torch.memory_format:
+    """channels_last where ``x0`` is a 4-D channels-last tensor (and not also contiguous)."""
+    if x0.dim() == 4 and not x0.is_contiguous() and x0.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _in_format(fmt: torch.memory_format, *tensors: Tensor | None) -> list[Tensor | None]:
+    """The tensors in one dense layout (copies only where they differ); None stays None."""
+    return [None if t is None else t.contiguous(memory_format=fmt) for t in tensors]
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -180,11 +196,12 @@ def _bridge_input(x0: Tensor, x_T: Tensor, table: Tensor, seed: int) -> tuple[Te
     _check_images(x0=x0, x_T=x_T)
     check_table(table, x0.shape[0], x0.device)
     _check_seed(seed)
-    x0, x_T, table = x0.contiguous(), x_T.contiguous(), table.contiguous()
+    x0, x_T = _in_format(_memory_format(x0), x0, x_T)
+    table = table.contiguous()
     if not backend.use_triton(x0.device, traced=_traced(x0)):
         return reference.bridge_input(x0, x_T, table, _reference_eps(x0, seed))
     P, grid = _launch_geometry(x0)
-    x_t = torch.empty(x0.shape, dtype=torch.promote_types(x0.dtype, x_T.dtype), device=x0.device)
+    x_t = torch.empty_like(x0, dtype=torch.promote_types(x0.dtype, x_T.dtype))  # x0's layout
     x_in = torch.empty_like(x_t)
     wrap_triton(bridge_input_kernel)[grid](
         x0, x_T, table, x_t, x_in, seed, P, ROUNDS=_launch.philox_rounds, num_warps=_launch.num_warps
@@ -203,9 +220,10 @@ def _bridge_input_backward(
 ) -> list[Tensor]:
     """[grad_x_T] or [grad_x_T, grad_x0] (``want_x0``); at least one gradient must be given."""
     named = (("grad_x_t", grad_x_t), ("grad_x_in", grad_x_in))
-    given = {name: g.contiguous() for name, g in named if g is not None}
-    if not given:
+    if grad_x_t is None and grad_x_in is None:
         raise ValueError("bridge_input_backward needs grad_x_t or grad_x_in")
+    fmt = _memory_format(grad_x_t if grad_x_t is not None else grad_x_in)  # no noise here: any one layout
+    given = {name: g.contiguous(memory_format=fmt) for name, g in named if g is not None}
     _check_images(**given)
     like = next(iter(given.values()))  # the shape and device of the gradients
     check_table(table, like.shape[0], like.device)
@@ -215,8 +233,8 @@ def _bridge_input_backward(
         grad_x_T, grad_x0 = reference.bridge_input_backward(grad_x_t, grad_x_in, table, x0_dtype, x_T_dtype)
         return [grad_x_T, grad_x0] if want_x0 else [grad_x_T]
     P, grid = _launch_geometry(like)
-    grad_x_T = torch.empty(like.shape, dtype=x_T_dtype, device=like.device)
-    grad_x0 = torch.empty(like.shape, dtype=x0_dtype, device=like.device) if want_x0 else None
+    grad_x_T = torch.empty_like(like, dtype=x_T_dtype)  # the gradients' layout
+    grad_x0 = torch.empty_like(like, dtype=x0_dtype) if want_x0 else None
     wrap_triton(bridge_input_backward_kernel)[grid](
         grad_x_t, grad_x_in, table, grad_x_T, grad_x0, P,
         HAS_GRAD_X_T=grad_x_t is not None, HAS_GRAD_X_IN=grad_x_in is not None, WANT_X0=want_x0,
@@ -253,7 +271,8 @@ def _bridge_loss(F: Tensor, x0: Tensor, x_T: Tensor, table: Tensor, seed: int) -
     _check_images(x0=x0, x_T=x_T, F=F)
     check_table(table, x0.shape[0], x0.device)
     _check_seed(seed)
-    F, x0, x_T, table = F.contiguous(), x0.contiguous(), x_T.contiguous(), table.contiguous()
+    x0, x_T, F = _in_format(_memory_format(x0), x0, x_T, F)
+    table = table.contiguous()
     if not backend.use_triton(x0.device, traced=_traced(x0)):
         mse = reference.bridge_mse(F, x0, x_T, table, _reference_eps(x0, seed))
         return reference.weighted_loss(mse, table), mse
@@ -290,7 +309,8 @@ def _bridge_loss_backward(
         raise ValueError("bridge_loss_backward needs grad_loss or grad_mse")
     _check_images(x0=x0, x_T=x_T, F=F)
     check_table(table, x0.shape[0], x0.device)
-    F, x0, x_T, table = F.contiguous(), x0.contiguous(), x_T.contiguous(), table.contiguous()
+    x0, x_T, F = _in_format(_memory_format(x0), x0, x_T, F)
+    table = table.contiguous()
     grad_loss = None if grad_loss is None else grad_loss.float().contiguous()
     grad_mse = None if grad_mse is None else grad_mse.float().contiguous()
     if not backend.use_triton(x0.device, traced=_traced(x0)):

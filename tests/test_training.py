@@ -64,6 +64,29 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_channels_last_training_follows_the_default_layout(tmp_path):
+    """--channels-last keeps the convolution weights (and batches) NHWC through training, gives
+    the default layout's weights to float rounding, and resumes exactly like itself."""
+    default = Trainer(small(4), quiet(tmp_path / "default")).fit()
+    trainer = Trainer(small(4, ckpt_every=2), quiet(tmp_path / "cl", channels_last=True))
+    convs = [p for p in trainer.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    initial = {f"model.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
+    nhwc = trainer.fit()
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    a, b = all_tensors(default.checkpoint), all_tensors(nhwc.checkpoint)
+    # training moved the weights far more than the tolerance of the comparison below
+    assert max(float((b[k] - v).abs().max()) for k, v in initial.items()) > 1e-3
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    part = Trainer(small(2, ckpt_every=2), quiet(tmp_path / "split", channels_last=True)).fit()
+    assert part.step == 2
+    resumed = Trainer(small(4, ckpt_every=2), quiet(tmp_path / "split", resume=True, channels_last=True)).fit()
+    c = all_tensors(resumed.checkpoint)
+    for k in b:
+        assert torch.equal(b[k], c[k]), k
+
+
 def test_resume_changes_training_when_seed_differs(tmp_path):
     """Guards the test above: a different seed must give different weights."""
     a = Trainer(small(2), quiet(tmp_path / "a")).fit()

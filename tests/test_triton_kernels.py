@@ -383,10 +383,12 @@ def _every_other_column(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_non_contiguous_inputs_give_the_contiguous_results(mode):
+    """x0 decides the layout (here contiguous): the others, channels-last or strided, are
+    brought to it, and every result equals the all-contiguous one bit for bit."""
     x0, x_T, F, table = _inputs((2, 3, 6, 6), (torch.float32,) * 3)
     strided = (
-        x0.detach().contiguous(memory_format=torch.channels_last).requires_grad_(),
-        x_T.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_(),
+        _every_other_column(x0),
+        x_T.detach().contiguous(memory_format=torch.channels_last).requires_grad_(),
         _every_other_column(F),
     )
     assert not any(x.is_contiguous() for x in strided)
@@ -397,6 +399,38 @@ def test_non_contiguous_inputs_give_the_contiguous_results(mode):
         results.append((x_in, loss, *_grad(loss, (a0, aT, aF))))
     for contiguous, non_contiguous in zip(*results):
         assert torch.equal(contiguous, non_contiguous)
+
+
+def _channels_last(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().contiguous(memory_format=torch.channels_last).requires_grad_() for t in tensors]
+
+
+@needs_triton
+def test_channels_last_inputs_run_in_place_with_noise_in_memory_order(monkeypatch):
+    """Channels-last images (x0 decides) are not copied: outputs and gradients keep the
+    layout, and the noise sits at memory positions, i.e. it is the NHWC noise permuted."""
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    shape = (2, 3, 5, 7)
+    x0, x_T, F = _channels_last(*_inputs(shape, (torch.float32,) * 3)[:3])
+    table = _inputs(shape, (torch.float32,) * 3)[3]
+    B, C, H, W = shape
+    eps = bridge_noise((B, H, W, C), SEED, DEVICE).permute(0, 3, 1, 2)  # memory order of NHWC storage
+    x_t, x_in = bridge_input(x0, x_T, table, SEED)
+    assert x_t.is_contiguous(memory_format=torch.channels_last) and not x_t.is_contiguous()
+    ref_x_t, ref_x_in = reference.bridge_input(x0, x_T, table, eps)
+    _assert_close(x_t, ref_x_t, torch.float32)
+    _assert_close(x_in, ref_x_in, torch.float32)
+    got = bridge_loss(F, x0, x_T, table, SEED)
+    ref_mse = reference.bridge_mse(F, x0, x_T, table, eps)
+    torch.testing.assert_close(got.mse, ref_mse, rtol=MSE_RTOL, atol=0)
+    objective = got.loss + x_in.square().sum()
+    ref = reference.weighted_loss(ref_mse, table) + ref_x_in.square().sum()
+    grads = _grad(objective, (x0, x_T, F))
+    for g, r in zip(grads, _grad(ref, (x0, x_T, F))):
+        _assert_close(g, r, torch.float32)
+    # a contiguous F next to a channels-last x0 is brought to x0's layout: the same loss
+    same = bridge_loss(F.detach().contiguous(), x0, x_T, table, SEED)
+    assert torch.equal(same.mse, got.mse)
 
 
 # ---------------------------------------------------------------------------
