@@ -6,14 +6,15 @@
 #   3. a short CUDA training run with the fused ops against the reference path,
 #   4. both kernel benchmarks (GB/s against the device-to-device copy of the same run),
 #   5. the deployment latency benchmark (eager against CUDA graphs, ffhq128 random weights),
-#   6. DBAE against DiffAE and PDAE at the authors' step counts (paper Table 5, ffhq128).
+#   6. DBAE against DiffAE and PDAE at the authors' step counts (paper Table 5, ffhq128),
+#   7. where one ffhq128 U-Net evaluation spends its GPU time (eager; compiled; compiled NHWC).
 #
 #   bash benchmarks/run_gpu_checks.sh [OUTPUT_DIR]      # default: runs/gpu_checks
 #
 # Every step writes its log and JSON under OUTPUT_DIR; a failing step does not stop the others.
 # With ARCHIVE=path.tgz set, OUTPUT_DIR is packed into that archive after every step (so that a
 # run cut short still leaves everything it finished in one file). CHECKS picks the steps
-# (default: all of build tests bench_step bench_train train latency compare); BENCH_TRAIN_SIZES the
+# (default: all of build tests bench_step bench_train train latency compare profile); BENCH_TRAIN_SIZES the
 # sizes of the training-kernel benchmark and BENCH_TRAIN_CONFIGS its launch settings (WARPS:ROUNDS
 # ...); BENCH_STEP_BATCHES the batches of the sampler-step benchmark; LATENCY_RUNNERS the runners of the latency benchmark
 # (the compiled ones spend minutes in inductor first), LATENCY_BATCHES its batches; *_TIMEOUT the
@@ -24,7 +25,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 status=()
-checks=" ${CHECKS:-build tests bench_step bench_train train latency compare} "
+checks=" ${CHECKS:-build tests bench_step bench_train train latency compare profile} "
 want() { [[ $checks == *" $1 "* ]]; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND, tees its output to OUTPUT_DIR/NAME.log
@@ -89,5 +90,14 @@ want latency && step latency "${LATENCY_TIMEOUT:-400}" $py -m dbae.cli.main benc
 # the paper's Table 5 setting on this GPU: DBAE against DiffAE and PDAE (random weights: cost only)
 want compare && step compare "${COMPARE_TIMEOUT:-300}" $py -m dbae.cli.main bench compare --preset ffhq128 \
   --device cuda --precision bf16 --batch 1 --runs 5 --warmup 1 --out "$out/compare"
+
+# the per-evaluation budget of the latency targets: which kernels take a U-Net evaluation's time
+if want profile; then
+  step profile_eager 120 $py benchmarks/profile_unet.py --preset ffhq128 --json "$out/profile_eager.json"
+  step profile_compiled "${PROFILE_TIMEOUT:-300}" $py benchmarks/profile_unet.py --preset ffhq128 --compile \
+    --json "$out/profile_compiled.json"
+  step profile_compiled_nhwc "${PROFILE_TIMEOUT:-300}" $py benchmarks/profile_unet.py --preset ffhq128 --compile \
+    --channels-last --json "$out/profile_compiled_nhwc.json"
+fi
 
 cat "$out/status.txt"
