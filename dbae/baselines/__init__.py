@@ -8,6 +8,9 @@
   unconditional DDPM plus an encoder and a gradient estimator that shifts its eps; two-stage
   training.
 - :mod:`.compare`: ``dbae bench compare``, the paper's Table 5 and Table 2 settings measured here.
+- :mod:`.runs`: run directories of ``dbae train --method diffae|pdae`` (resume, PDAE's stages).
+- :mod:`.checkpoints`: which method a checkpoint is (its format tag) and loading any of them.
+- :mod:`.reconstruction`: batched reconstruction from the inverted or a random x_T.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ binarised at the middle of its range (``size>0.35``, ...). With ``--attributes F
 CelebA ``list_attr_celeba.txt`` format) the file's binary attributes are used, with the
 images from ``--images DIR``; the first ``--n-train`` rows train the probe and the next
 ``--n-test`` rows test it.
+
+Checkpoints. ``recon``, ``probe`` and ``tad`` take DBAE, DiffAE and PDAE checkpoints (told
+apart by their format tag); the baselines' reconstruction options: :mod:`.eval_baselines`.
+``fid`` takes DBAE checkpoints.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from ..apps.attributes import (
     attribute_file_images,
     encode_all,
     read_attribute_file,
+    shapes_binary_labels,
     shapes_images,
     shapes_labels,
 )
-from ..data.shapes import FACTORS
+from ..baselines.checkpoints import Loaded
 from ..errors import DataError
 from ..inference import LoadedModel
 from ..metrics import summarize
@@ -41,12 +46,12 @@ from ..metrics.lpips import load_lpips
 from ..metrics.probe import classification_probe, regression_probe
 from ..training.checkpoint import atomic_write_text
 from ..training.trainer import resolve_device
+from . import eval_baselines
 from .common import (
     add_checkpoint_arguments,
     add_input_arguments,
     add_sampler_arguments,
     check_sampler_arguments,
-    open_model,
     read_inputs,
 )
 
@@ -77,8 +82,8 @@ def write_report(out: Path, name: str, report: dict[str, Any], summary: dict[str
     return json_path, md_path
 
 
-def _header(loaded: LoadedModel | None) -> dict[str, Any]:
-    return {} if loaded is None else {"checkpoint": str(loaded.path), "step": loaded.step}
+def _header(loaded: Loaded | None) -> dict[str, Any]:
+    return eval_baselines.header(loaded)
 
 
 # ----- labelled latents -----
@@ -94,17 +99,7 @@ def add_label_arguments(p: argparse.ArgumentParser, n_train: int, n_test: int) -
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in data")
 
 
-def _binarised_continuous(factors: torch.Tensor) -> AttributeLabels:
-    names, cols = [], []
-    for k, f in enumerate(FACTORS):
-        if not f.discrete:
-            mid = (f.low + f.high) / 2
-            names.append(f"{f.name}>{mid:.3g}")
-            cols.append((factors[:, k] > mid).float())
-    return AttributeLabels(tuple(names), (BINARY,) * len(names), torch.stack(cols, 1))
-
-
-def labelled_latents(args: argparse.Namespace, loaded: LoadedModel, *, binarise: bool) -> tuple[
+def labelled_latents(args: argparse.Namespace, loaded: Loaded, *, binarise: bool) -> tuple[
         torch.Tensor, AttributeLabels, torch.Tensor, AttributeLabels, str]:
     """(z_train, labels_train, z_test, labels_test, source description)."""
     model = loaded.model
@@ -135,13 +130,7 @@ def labelled_latents(args: argparse.Namespace, loaded: LoadedModel, *, binarise:
                 zs.append(encode_all(model, [images]))
                 fs.append(factors)
             factors = torch.cat(fs)
-            labels = shapes_labels(factors)
-            if binarise:
-                keep = [i for i, k in enumerate(labels.kinds) if k == BINARY]
-                extra = _binarised_continuous(factors)
-                labels = AttributeLabels(tuple(labels.names[i] for i in keep) + extra.names,
-                                         (BINARY,) * (len(keep) + len(extra.names)),
-                                         torch.cat([labels.values[:, keep], extra.values], 1))
+            labels = shapes_binary_labels(factors) if binarise else shapes_labels(factors)
             parts.append((torch.cat(zs), labels))
         (z_train, train), (z_test, test) = parts
         source = f"shapes (seed {args.seed}; train split {args.n_train}, test split {args.n_test})"
@@ -155,35 +144,47 @@ def _columns(labels: AttributeLabels, kind: str) -> list[int]:
 
 
 # ----- sub-commands -----
-def run_recon(args: argparse.Namespace) -> int:
-    check_sampler_arguments(args)
-    loaded = open_model(args)
-    model = loaded.model
+def _dbae_recon(args: argparse.Namespace, model: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     device = next(model.parameters()).device
-    lp = load_lpips(args.lpips_weights, args.lpips_lin, device) if args.lpips_weights or args.lpips_lin else None
-    x = read_inputs(args, model.config.image_size)
     generator = torch.Generator(device).manual_seed(args.seed)
     recon, nfe = [], 0
     for chunk in x.split(args.batch_size):
         rec = model.reconstruct(chunk.to(device), args.nfe, sampler=args.sampler, churn=args.churn, generator=generator)
         recon.append(rec.images.cpu())
         nfe = rec.nfe
-    a, b = (torch.cat(recon) + 1) / 2, (x + 1) / 2
+    return torch.cat(recon), {"nfe": nfe, "sampler": args.sampler, "churn": args.churn}
+
+
+def run_recon(args: argparse.Namespace) -> int:
+    loaded = eval_baselines.open_checkpoint(args)
+    eval_baselines.check_recon_options(args, loaded)
+    baseline = not isinstance(loaded, LoadedModel)
+    if not baseline:
+        check_sampler_arguments(args)
+    model = loaded.model
+    device = next(model.parameters()).device
+    lp = load_lpips(args.lpips_weights, args.lpips_lin, device) if args.lpips_weights or args.lpips_lin else None
+    x = read_inputs(args, model.config.image_size)
+    if baseline:
+        images, how = eval_baselines.reconstruct(args, loaded, x)  # type: ignore[arg-type]
+    else:
+        images, how = _dbae_recon(args, model, x)
+    a, b = (images + 1) / 2, (x + 1) / 2
     stats: dict[str, Any] = summarize(a, b)
     if lp is not None:
         stats["lpips"] = float(torch.cat([lp(u.to(device), v.to(device)).cpu()
                                           for u, v in zip(a.split(args.batch_size), b.split(args.batch_size))]).mean())
         if min(a.shape[-2:]) < lp.min_size:
             stats["lpips_note"] = f"images upsampled to at least {lp.min_size} px for LPIPS"
-    report = {**_header(loaded), "images": int(x.shape[0]), "nfe": nfe, "sampler": args.sampler,
-              "churn": args.churn, **stats}
+    report = {**_header(loaded), "images": int(x.shape[0]), **how, **stats}
     summary = {k: v for k, v in stats.items() if k != "lpips_note"}
-    write_report(args.out, "recon", report, {"images": int(x.shape[0]), "nfe": nfe, **summary})
+    shown = {k: how[k] for k in ("x_T", "nfe") if k in how}
+    write_report(args.out, "recon", report, {"images": int(x.shape[0]), **shown, **summary})
     return 0
 
 
 def run_probe(args: argparse.Namespace) -> int:
-    loaded = open_model(args)
+    loaded = eval_baselines.open_checkpoint(args)
     z_tr, y_tr, z_te, y_te, source = labelled_latents(args, loaded, binarise=False)
     report: dict[str, Any] = {**_header(loaded), "data": source, "n_train": int(z_tr.shape[0]),
                               "n_test": int(z_te.shape[0]), "z_dim": int(z_tr.shape[1])}
@@ -211,7 +212,7 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def run_tad(args: argparse.Namespace) -> int:
-    loaded = open_model(args)
+    loaded = eval_baselines.open_checkpoint(args)
     # TAD is measured on one set (the paper: 1000 CelebA samples): the "test" samples here
     _, _, z, labels, source = labelled_latents(args, loaded, binarise=True)
     binary = _columns(labels, BINARY)
@@ -284,9 +285,10 @@ def _folder(path: Path, n: int, resize: bool, loaded: LoadedModel | None, like: 
 
 def run_fid(args: argparse.Namespace) -> int:
     check_sampler_arguments(args)
+    loaded = eval_baselines.open_checkpoint(args) if args.ckpt else None
+    eval_baselines.refuse_baseline(loaded, "fid")
     extractor = load_feature_extractor(args.inception, device=resolve_device(args.device))
-    loaded = open_model(args) if args.ckpt else None
-    real, fake, what = _fid_images(args, loaded)
+    real, fake, what = _fid_images(args, loaded)  # type: ignore[arg-type]
     fr, fg = extract(extractor, real, args.batch_size), extract(extractor, fake, args.batch_size)
     stats: dict[str, Any] = {"fid": fid(fr.features, fg.features)}
     stats.update(precision_recall(fr.features, fg.features, k=args.k))
@@ -327,6 +329,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _common(q)
     add_input_arguments(q)
     add_sampler_arguments(q)
+    eval_baselines.add_recon_arguments(q)
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--lpips-weights", type=Path, help="torchvision AlexNet weights alexnet-owt-7be5be79.pth")
     q.add_argument("--lpips-lin", type=Path, help="LPIPS v0.1 alex.pth (default: from the installed lpips package)")

@@ -1,5 +1,6 @@
 """``dbae train``: train a DBAE from a preset, with exact resume; one process, or one per
-device under ``torchrun`` (see README, "Multi-GPU training")."""
+device under ``torchrun`` (see README, "Multi-GPU training"). ``--method diffae|pdae`` trains
+a baseline from the same preset instead (:mod:`.train_baselines`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import os
 import signal
 from pathlib import Path
 
+from ..baselines.runs import check_run_method
 from ..config import PRESETS, get_preset
-from ..errors import DBAEError
+from ..errors import ConfigError, DBAEError
 from ..training import TrainOptions, override, train
-from ..training.distributed import env_rank, session
+from ..training.distributed import all_ranks, env_rank, session
+from . import train_baselines
 
-HELP = "train a DBAE model"
+HELP = "train a DBAE model (or, with --method, the DiffAE / PDAE baseline)"
 
 
 def _resume_mode(value: str) -> str:
@@ -23,8 +26,10 @@ def _resume_mode(value: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=train_baselines.METHODS, default="dbae",
+                   help="dbae (default), or a baseline on the same preset's backbone: diffae, pdae (both stages)")
     p.add_argument("--preset", default="shapes16", choices=sorted(PRESETS), help="model + training preset")
-    p.add_argument("--out", type=Path, help="run directory (default runs/<preset>)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<preset>; baselines runs/<preset>-<method>)")
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--batch-size", type=int,
                    help="global batch per step, summed over all ranks and accumulation micro-batches")
@@ -35,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="mixed precision on CUDA")
     p.add_argument("--seed", type=int)
-    p.add_argument("--dataset", help="'shapes' (built-in) or a folder of images")
+    p.add_argument("--dataset", help="'shapes' (built-in), a folder or .zip of images, or an LMDB "
+                                     "(see 'dbae data build-lmdb' and docs/datasets.md)")
     p.add_argument("--log-every", type=int)
     p.add_argument("--sample-every", type=int, help="steps between reconstruction grids (and best-checkpoint checks)")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
@@ -48,9 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its newest intact checkpoint (start a new one if it has "
                         "none); '--resume' alone means the same")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--channels-last", action="store_true",
+                   help="keep weights and batches channels-last (NHWC), cuDNN's fastest layout on tensor-core GPUs")
     p.add_argument("--device", default="auto",
                    help="auto, cpu or cuda[:N]; under torchrun auto, cpu or cuda (each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train_baselines.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.method != "dbae":
+        return train_baselines.run(args)
+    train_baselines.check_method_options(args)
     preset = override(
         get_preset(args.preset),
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
@@ -82,10 +94,15 @@ def _run(args: argparse.Namespace) -> int:
         tc_weight=args.tc_weight,
     )
     out = args.out or Path("runs") / preset.name
+    try:
+        check_run_method(out, "dbae")
+    except ConfigError as exc:
+        raise all_ranks(exc) from None
     with session(args.device) as dist:
         result = train(
             preset,
             TrainOptions(out=out, resume=args.resume is not None, compile=args.compile, device=args.device,
+                         channels_last=args.channels_last,
                          progress=not args.no_progress, keep_last=3 if args.keep_last is None else args.keep_last,
                          grad_accum=1 if args.grad_accum is None else args.grad_accum, dist=dist),
         )

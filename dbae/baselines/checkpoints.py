@@ -1,0 +1,139 @@
+"""Checkpoints of any of the three methods: which method a file belongs to (its safetensors
+``format`` tag), the newest checkpoint of a run directory, and loading one for evaluation.
+
+Formats: ``dbae-checkpoint/1`` (DBAE, :mod:`dbae.training.checkpoint`),
+``dbae-diffae-checkpoint/1`` (:mod:`.train`) and ``dbae-pdae-checkpoint/1`` (:mod:`.pdae_train`).
+DBAE checkpoints and run directories go through :func:`dbae.inference.load_model` unchanged
+(manifest checks included); the baselines' through their own readers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import CheckpointError
+from ..inference import LoadedModel, load_model, resolve_checkpoint
+from ..training.checkpoint import FORMAT as DBAE_FORMAT
+from ..training.checkpoint import list_checkpoints, read_tagged_safetensors
+from .ddim_autoencoder import DDIMAutoencoder
+from .pdae_train import FORMAT as PDAE_FORMAT
+from .pdae_train import load_pdae
+from .train import FORMAT as DIFFAE_FORMAT
+from .train import load_diffae
+
+Method = Literal["dbae", "diffae", "pdae"]
+METHOD_OF_FORMAT: dict[str, Method] = {DBAE_FORMAT: "dbae", DIFFAE_FORMAT: "diffae", PDAE_FORMAT: "pdae"}
+FORMAT_OF_METHOD: dict[str, str] = {m: f for f, m in METHOD_OF_FORMAT.items()}
+LABELS: dict[str, str] = {"dbae": "DBAE", "diffae": "DiffAE", "pdae": "PDAE"}
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (its header only)."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
+
+
+def checkpoint_method(path: str | Path) -> Method:
+    """The method whose checkpoint ``path`` is, from the ``format`` tag in its metadata (only
+    the header is read); CheckpointError for a missing, unreadable or foreign file."""
+    fmt = _metadata(Path(path)).get("format")
+    if fmt not in METHOD_OF_FORMAT:
+        known = ", ".join(repr(f) for f in METHOD_OF_FORMAT)
+        raise CheckpointError(f"{path} is not a DBAE, DiffAE or PDAE checkpoint (format {fmt!r}; known: {known})")
+    return METHOD_OF_FORMAT[fmt]
+
+
+def checkpoint_dir(run: Path) -> Path:
+    """Where a run directory keeps its checkpoints (``<run>/checkpoints``, or ``run`` itself)."""
+    return run / "checkpoints" if (run / "checkpoints").is_dir() else run
+
+
+def run_method(run: Path) -> Method | None:
+    """The method of the newest checkpoint whose header reads in run directory ``run`` (None:
+    no checkpoint there)."""
+    for _, path in reversed(list_checkpoints(checkpoint_dir(Path(run)))):
+        try:
+            return checkpoint_method(path)
+        except CheckpointError:
+            continue
+    return None
+
+
+def find_checkpoint(path: str | Path, warn: Callable[[str], None] = print) -> Path:
+    """A checkpoint file as given, or a run directory's newest intact checkpoint of the
+    method of its newest readable one (DBAE runs: :func:`dbae.inference.resolve_checkpoint`,
+    manifest checks included; baseline files are read in full to check them)."""
+    path = Path(path)
+    if not path.is_dir():
+        if not path.exists():
+            raise CheckpointError(f"no checkpoint at {path}")
+        return path
+    method = run_method(path)
+    if method is None or method == "dbae":
+        return resolve_checkpoint(path)
+    fmt = FORMAT_OF_METHOD[method]
+    for _, candidate in reversed(list_checkpoints(checkpoint_dir(path))):
+        try:
+            read_tagged_safetensors(candidate, fmt, f"{LABELS[method]} checkpoint")
+        except CheckpointError as exc:
+            warn(f"warning: skipping checkpoint {candidate.name}: {exc}")
+            continue
+        return candidate
+    raise CheckpointError(f"no readable checkpoint in {path}")
+
+
+@dataclass
+class LoadedBaseline:
+    """A DiffAE or PDAE checkpoint loaded for evaluation (eval mode)."""
+
+    method: Method
+    model: DDIMAutoencoder
+    preset_name: str
+    step: int
+    path: Path
+    #: PDAE's training stage of the checkpoint ("pdae" for a usable autoencoder); None for DiffAE
+    stage: str | None = None
+
+
+Loaded = Union[LoadedModel, LoadedBaseline]
+
+
+def load_any(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> Loaded:
+    """The model of a DBAE, DiffAE or PDAE checkpoint (file or run directory), EMA weights
+    unless ``ema=False``. A PDAE stage-1 checkpoint (the bare DDPM, no trained encoder) is
+    refused with a pointer to the stage-2 one."""
+    path = find_checkpoint(path)
+    method = checkpoint_method(path)
+    if method == "dbae":
+        return load_model(path, ema=ema, device=device)
+    if method == "diffae":
+        model, preset = load_diffae(path, ema=ema, device=device)
+        return LoadedBaseline("diffae", model, preset.name, _step(path), path)
+    pdae, pdae_preset, stage = load_pdae(path, ema=ema, device=device)
+    if stage != "pdae":
+        raise CheckpointError(
+            f"{path} is a PDAE stage-1 checkpoint (the unconditional DDPM: no trained encoder); evaluate the "
+            "stage-2 checkpoint (the run directory itself, e.g. --ckpt RUN rather than RUN/ddpm)"
+        )
+    return LoadedBaseline("pdae", pdae, pdae_preset.name, _step(path), path, stage)
+
+
+def _step(path: Path) -> int:
+    """The step of a checkpoint that its loader has already read and checked."""
+    return int(_metadata(path)["step"])
+
+
+__all__ = [
+    "FORMAT_OF_METHOD", "LABELS", "Loaded", "LoadedBaseline", "METHOD_OF_FORMAT", "Method", "checkpoint_dir",
+    "checkpoint_method", "find_checkpoint", "load_any", "run_method",
+]
