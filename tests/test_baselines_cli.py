@@ -33,6 +33,20 @@ def _one_line_error(capsys, command: str = "train") -> str:
     return err
 
 
+class _TinyFeatures(torch.nn.Module):
+    """A feature network with the calling convention of NVIDIA's scripted Inception:
+    net(x in [0, 255], return_features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        f = self.conv(x / 255.0).relu().mean(dim=(2, 3))
+        return f if return_features else torch.softmax(self.fc(f), dim=1)
+
+
 def _tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
 
@@ -76,6 +90,20 @@ def test_diffae_trains_resumes_exactly_and_evaluates(tmp_path, capsys):
     assert (inferred["inversion_steps"], inferred["decode_steps"], inferred["nfe"]) == (8, 5, 13)
     assert (random["x_T"], random["inversion_steps"], random["nfe"]) == ("random", 0, 5)
     assert inferred["mse"] < 0.1 * random["mse"] and inferred["images"] == random["images"] == 6
+    # FID of its reconstructions (a scripted stand-in for Inception): DDIM-inverted x_T gives
+    # images like the data, a random x_T after 4 training steps does not
+    extractor = tmp_path / "features.pt"
+    torch.manual_seed(0)
+    torch.jit.script(_TinyFeatures()).save(str(extractor))
+    fids = {}
+    for mode in ("inferred", "random"):
+        assert main(["eval", "fid", "--ckpt", str(run), "--inception", str(extractor), "--n", "16", "--x-T", mode,
+                     "--decode-steps", "5", *([] if mode == "random" else ["--inversion-steps", "8"]),
+                     "--out", str(ev)]) == 0  # fmt: skip
+        report = json.loads((ev / "fid.json").read_text())
+        assert report["method"] == "diffae" and report["fake"] == f"reconstructions ({mode} x_T)"
+        fids[mode] = report["fid"]
+    assert 0 <= fids["inferred"] < fids["random"]
     assert main(["eval", "probe", "--ckpt", str(run), "--n-train", "64", "--n-test", "32", "--out", str(ev)]) == 0
     probe = json.loads((ev / "probe.json").read_text())
     assert probe["method"] == "diffae" and probe["z_dim"] == 16 and 0.0 <= probe["classification"]["map"] <= 1.0
@@ -174,8 +202,12 @@ def test_eval_options_of_the_other_kind_of_checkpoint(tmp_path, capsys):
     assert "--inversion-steps applies to --x-T inferred" in _one_line_error(capsys, "eval")
     assert main(["eval", "recon", "--ckpt", str(diffae_run), *common, "--decode-steps", "1001"]) == 2
     assert "decode steps must lie in [1, 1000]" in _one_line_error(capsys, "eval")
-    assert main(["eval", "fid", "--ckpt", str(diffae_run), "--inception", "x.pth", "--out", str(ev)]) == 2
-    assert "takes a DBAE checkpoint" in _one_line_error(capsys, "eval")
+    assert main(["eval", "fid", "--ckpt", str(diffae_run), "--fake", "samples", "--inception", "x.pth",
+                 "--out", str(ev)]) == 2  # fmt: skip
+    assert "draws from a DBAE latent prior" in _one_line_error(capsys, "eval")
+    assert main(["eval", "fid", "--ckpt", str(diffae_run), "--nfe", "4", "--inception", "x.pth",
+                 "--out", str(ev)]) == 2  # fmt: skip
+    assert "--nfe is a DBAE option" in _one_line_error(capsys, "eval")
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(1)}, str(foreign), metadata={"format": "something-else/1"})
     assert main(["eval", "probe", "--ckpt", str(foreign), "--out", str(ev)]) == 2

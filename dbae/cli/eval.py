@@ -12,7 +12,7 @@ images from ``--images DIR``; the first ``--n-train`` rows train the probe and t
 
 Checkpoints. ``recon``, ``probe`` and ``tad`` take DBAE, DiffAE and PDAE checkpoints (told
 apart by their format tag); the baselines' reconstruction options: :mod:`.eval_baselines`.
-``fid`` takes DBAE checkpoints.
+``fid`` takes DBAE checkpoints, and DiffAE / PDAE ones for ``--fake recon``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..apps.attributes import (
     shapes_labels,
 )
 from ..baselines.checkpoints import Loaded
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..inference import LoadedModel
 from ..metrics import summarize
 from ..metrics.disentangle import tad
@@ -245,6 +245,9 @@ def _fid_images(args: argparse.Namespace, loaded: LoadedModel | None) -> tuple[t
         if args.fake == "recon":
             # reconstructions of a disjoint set of images (the paper's 'AE' row)
             src = _shapes_train_images(model.config.image_size, args.n, args.seed) if args.real == "shapes" else real
+            if not isinstance(loaded, LoadedModel):  # DiffAE / PDAE: from an inferred or a random x_T
+                fake, how = eval_baselines.reconstruct(args, loaded, src)
+                return (real.float() + 1) / 2, (fake.float() + 1) / 2, f"reconstructions ({how['x_T']} x_T)"
             outs = [model.reconstruct(c.to(device), args.nfe, sampler=args.sampler, churn=args.churn,
                                       generator=generator).images.cpu() for c in src.split(args.batch_size)]
             fake, what = torch.cat(outs), "reconstructions"
@@ -284,9 +287,13 @@ def _folder(path: Path, n: int, resize: bool, loaded: LoadedModel | None, like: 
 
 
 def run_fid(args: argparse.Namespace) -> int:
-    check_sampler_arguments(args)
     loaded = eval_baselines.open_checkpoint(args) if args.ckpt else None
-    eval_baselines.refuse_baseline(loaded, "fid")
+    eval_baselines.check_recon_options(args, loaded)
+    if isinstance(loaded, LoadedModel) or loaded is None:
+        check_sampler_arguments(args)
+    elif args.fake == "samples":
+        raise ConfigError(f"--fake samples draws from a DBAE latent prior; {loaded.path} is not a DBAE checkpoint "
+                          "(its reconstructions: --fake recon)")  # fmt: skip
     extractor = load_feature_extractor(args.inception, device=resolve_device(args.device))
     real, fake, what = _fid_images(args, loaded)  # type: ignore[arg-type]
     fr, fg = extract(extractor, real, args.batch_size), extract(extractor, fake, args.batch_size)
@@ -356,6 +363,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--splits", type=int, default=1, help="Inception Score splits (default 1)")
     q.add_argument("--batch-size", type=int, default=50)
     add_sampler_arguments(q)
+    eval_baselines.add_recon_arguments(q)  # DiffAE / PDAE checkpoints: how --fake recon reconstructs
 
 
 def run(args: argparse.Namespace) -> int:

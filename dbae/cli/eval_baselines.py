@@ -6,7 +6,8 @@ default) or from a random x_T (``--x-T random``: one encoder pass, the DBAE pape
 "tractable inference" setting, Table 2), with ``--inversion-steps`` / ``--decode-steps``
 (default: the authors' counts, DiffAE 250 / 100, PDAE 100 / 100). DBAE's ``--nfe``,
 ``--sampler`` and ``--churn`` do not apply to them, nor the baselines' options to DBAE.
-``probe`` and ``tad`` only need the encoder and take any of the three.
+``probe`` and ``tad`` only need the encoder and take any of the three; ``fid --fake recon``
+takes the baselines' reconstructions with the same options as ``recon``.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def _given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
     return [flag for dest, flag in options.items() if getattr(args, dest, None) is not None]
 
 
-def check_recon_options(args: argparse.Namespace, loaded: Loaded) -> None:
+def check_recon_options(args: argparse.Namespace, loaded: Loaded | None) -> None:
     """ConfigError (one line) for an option of the other kind of model; fills in DBAE's
-    sampler defaults for a DBAE checkpoint."""
+    sampler defaults for a DBAE checkpoint (or none: ``dbae eval fid`` of two folders)."""
     if isinstance(loaded, LoadedBaseline):
         wrong = _given(args, DBAE_SAMPLER)
         if wrong:
@@ -63,9 +64,9 @@ def check_recon_options(args: argparse.Namespace, loaded: Loaded) -> None:
         return
     wrong = _given(args, BASELINE_ONLY)
     if wrong:
+        where = f"{loaded.path} is a DBAE checkpoint" if loaded is not None else "no --ckpt was given"
         raise ConfigError(f"{', '.join(wrong)} only appl{'ies' if len(wrong) == 1 else 'y'} to DiffAE / PDAE "
-                          f"checkpoints; {loaded.path} is a DBAE checkpoint (x_T = Dec(z); use --nfe, --sampler, "
-                          "--churn)")  # fmt: skip
+                          f"checkpoints; {where} (DBAE: x_T = Dec(z); use --nfe, --sampler, --churn)")  # fmt: skip
     for dest, value in DBAE_SAMPLER_DEFAULTS.items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, value)
@@ -91,10 +92,3 @@ def reconstruct(args: argparse.Namespace, loaded: LoadedBaseline, x: torch.Tenso
     )  # fmt: skip
     return rec.images, {"x_T": rec.x_T, "inversion_steps": rec.inversion_steps, "decode_steps": rec.decode_steps,
                         "nfe": rec.nfe, "network_evals": rec.network_evals}  # fmt: skip
-
-
-def refuse_baseline(loaded: Loaded | None, command: str) -> None:
-    """ConfigError for a command that takes DBAE checkpoints only."""
-    if isinstance(loaded, LoadedBaseline):
-        raise ConfigError(f"dbae eval {command} --ckpt takes a DBAE checkpoint; {loaded.path} is a "
-                          f"{LABELS[loaded.method]} checkpoint (its reconstructions: dbae eval recon)")  # fmt: skip
