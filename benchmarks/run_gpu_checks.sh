@@ -7,14 +7,16 @@
 #   4. both kernel benchmarks (GB/s against the device-to-device copy of the same run),
 #   5. the deployment latency benchmark (eager against CUDA graphs, ffhq128 random weights),
 #   6. DBAE against DiffAE and PDAE at the authors' step counts (paper Table 5, ffhq128),
-#   7. where one ffhq128 U-Net evaluation spends its GPU time (eager; compiled; compiled NHWC).
+#   7. where one ffhq128 U-Net evaluation spends its GPU time (eager; compiled; compiled NHWC),
+#   8. ffhq128 training throughput (images/s): fp32 eager against bf16, bf16 + --compile, and
+#      bf16 + --compile + --channels-last (THROUGHPUT_STEPS steps at THROUGHPUT_BATCH).
 #
 #   bash benchmarks/run_gpu_checks.sh [OUTPUT_DIR]      # default: runs/gpu_checks
 #
 # Every step writes its log and JSON under OUTPUT_DIR; a failing step does not stop the others.
 # With ARCHIVE=path.tgz set, OUTPUT_DIR is packed into that archive after every step (so that a
 # run cut short still leaves everything it finished in one file). CHECKS picks the steps
-# (default: all of build tests bench_step bench_train train latency compare profile); BENCH_TRAIN_SIZES the
+# (default: all of build tests bench_step bench_train train latency compare profile throughput); BENCH_TRAIN_SIZES the
 # sizes of the training-kernel benchmark and BENCH_TRAIN_CONFIGS its launch settings (WARPS:ROUNDS
 # ...); BENCH_STEP_BATCHES the batches of the sampler-step benchmark; LATENCY_RUNNERS the runners of the latency benchmark
 # (the compiled ones spend minutes in inductor first), LATENCY_BATCHES its batches; *_TIMEOUT the
@@ -25,7 +27,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 status=()
-checks=" ${CHECKS:-build tests bench_step bench_train train latency compare profile} "
+checks=" ${CHECKS:-build tests bench_step bench_train train latency compare profile throughput} "
 want() { [[ $checks == *" $1 "* ]]; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND, tees its output to OUTPUT_DIR/NAME.log
@@ -98,6 +100,18 @@ if want profile; then
     --json "$out/profile_compiled.json"
   step profile_compiled_nhwc "${PROFILE_TIMEOUT:-300}" $py benchmarks/profile_unet.py --preset ffhq128 --compile \
     --channels-last --json "$out/profile_compiled_nhwc.json"
+fi
+
+# training throughput of the paper's ffhq128 preset (random data of the built-in shapes at 128)
+if want throughput; then
+  for variant in "fp32" "bf16" "bf16 --compile" "bf16 --compile --channels-last"; do
+    name=throughput_$(echo "$variant" | tr -d '-' | tr ' ' '_')
+    # shellcheck disable=SC2086
+    step "$name" "${THROUGHPUT_TIMEOUT:-300}" $py -m dbae.cli.main train --preset ffhq128 --device cuda \
+      --precision $variant --steps "${THROUGHPUT_STEPS:-40}" --batch-size "${THROUGHPUT_BATCH:-32}" --log-every 10 \
+      --sample-every 100000 --ckpt-every 100000 --no-progress --out "/tmp/$name"
+    cp "/tmp/$name/metrics.jsonl" "$out/$name.metrics.jsonl" 2>/dev/null
+  done
 fi
 
 cat "$out/status.txt"
