@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 # Triton decides at import whether its kernels run in the CPU interpreter, and several
@@ -38,10 +39,17 @@ SHAPES_STEPS = 1000
 
 @pytest.fixture(scope="session")
 def trained_shapes(tmp_path_factory) -> Path:
-    """Run directory of the shapes16 networks trained for SHAPES_STEPS steps (seeded): long
-    enough for z to carry colour, position and size, for the applications' tests (prior,
-    interpolation, attribute directions). Trained once per test session."""
+    """Run directory of the shapes16 networks as DBAE-d (the paper's deterministic encoder)
+    trained for SHAPES_STEPS steps (seeded), for the applications' tests (prior,
+    interpolation, attribute directions). Trained once per test session.
+
+    DBAE-d, because its z learns the factors far sooner: after these 1000 steps a held-out
+    linear probe on z finds colour with mAP 0.88 and the centre with Pearson r 0.82 (x) and
+    0.72 (y), where the stochastic encoder's z has colour mAP 0.29 (chance: 0.125) and r 0.27
+    and 0.34 (measured 2026-11-26; the background is r 0.999 for both)."""
     out = tmp_path_factory.mktemp("shapes_run")
     preset = override(get_preset("shapes16"), steps=SHAPES_STEPS, sample_every=10_000, ckpt_every=SHAPES_STEPS)
+    encoder = replace(preset.model.encoder, stochastic=False)
+    preset = replace(preset, model=replace(preset.model, encoder=encoder))
     Trainer(preset, TrainOptions(out=out, progress=False, eval_images=32, log=lambda m: None)).fit()
     return out
