@@ -35,7 +35,7 @@ from ..config import to_dict
 from ..data import build_dataset
 from ..errors import CheckpointError, ConfigError
 from ..metrics import summarize
-from ..training.checkpoint import atomic_write_text, list_checkpoints
+from ..training.checkpoint import atomic_write_text, latest_valid_checkpoint, list_checkpoints
 from ..training.trainer import resolve_device
 from .checkpoints import LABELS, Method, checkpoint_method, find_checkpoint, run_method
 from .config import DiffAEPreset
@@ -87,18 +87,6 @@ def check_run_method(out: Path, method: Method) -> None:
         if found is not None and found != method:
             raise ConfigError(f"{place} holds a {LABELS[found]} run, not a {LABELS[method]} one; "
                               "choose another --out")
-
-
-def _resume_point(ckpt_dir: Path, read: Callable[[Path], Any], log: Callable[[str], None]) -> Path | None:
-    """The newest checkpoint in ``ckpt_dir`` that ``read`` accepts (others are skipped with a warning)."""
-    for _, path in reversed(list_checkpoints(ckpt_dir)):
-        try:
-            read(path)
-        except CheckpointError as exc:
-            log(f"warning: skipping checkpoint {path.name}: {exc}")
-            continue
-        return path
-    return None
 
 
 def _refuse_existing(out: Path, places: list[Path]) -> None:
@@ -161,7 +149,7 @@ def run_diffae(preset: DiffAEPreset, options: RunOptions) -> RunResult:
     ckpt_dir = out / "checkpoints"
     resume = None
     if options.resume:
-        resume = _resume_point(ckpt_dir, read_diffae_checkpoint, log)
+        resume = latest_valid_checkpoint(ckpt_dir, log, check=read_diffae_checkpoint)
         log(f"no checkpoint in {ckpt_dir}: starting a new run" if resume is None else f"resuming from {resume}")
     else:
         _refuse_existing(out, [ckpt_dir])
@@ -215,7 +203,7 @@ def run_pdae(preset: PDAEPreset, options: RunOptions, ddpm_ckpt: str | Path | No
 
     resume2 = None
     if options.resume:
-        resume2 = _resume_point(ckpt_dir, read_stage("pdae"), log)
+        resume2 = latest_valid_checkpoint(ckpt_dir, log, check=read_stage("pdae"))
     else:
         _refuse_existing(out, [ckpt_dir, ddpm_dir / "checkpoints"])
     pretrained_path = _pretrained(ddpm_ckpt, preset) if ddpm_ckpt is not None else None
@@ -230,8 +218,9 @@ def run_pdae(preset: PDAEPreset, options: RunOptions, ddpm_ckpt: str | Path | No
         log(f"stage 1 (DDPM) from {pretrained_path}")
         pretrained = stages["ddpm"] = pretrained_path
     else:
-        resume1 = _resume_point(ddpm_dir / "checkpoints", read_stage("ddpm"), log) if options.resume else None
+        resume1 = None
         if options.resume:
+            resume1 = latest_valid_checkpoint(ddpm_dir / "checkpoints", log, check=read_stage("ddpm"))
             log("starting a new run" if resume1 is None else f"resuming stage 1 from {resume1}")
         _write_config(ddpm_dir, preset, options, method="pdae", stage="ddpm")
         first = train_ddpm(preset, data, out=ddpm_dir, resume=resume1, device=device, progress=options.progress,

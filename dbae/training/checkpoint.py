@@ -273,12 +273,14 @@ def verify_checkpoint(path: Path) -> None:
         raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
 
 
-def latest_valid_checkpoint(directory: Path, warn=print) -> Path | None:
-    """The newest intact checkpoint (:func:`verify_checkpoint`); corrupt or truncated ones
-    are skipped with a warning."""
+def latest_valid_checkpoint(directory: Path, warn=print, check: Callable[[Path], Any] | None = None) -> Path | None:
+    """The newest intact checkpoint: one that ``check`` accepts (default
+    :func:`verify_checkpoint`; a check raises CheckpointError); the others are skipped with
+    a warning."""
+    check = verify_checkpoint if check is None else check
     for step, path in reversed(list_checkpoints(directory)):
         try:
-            verify_checkpoint(path)
+            check(path)
         except CheckpointError as exc:
             warn(f"warning: skipping checkpoint {path.name}: {exc}")
             continue
