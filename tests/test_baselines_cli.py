@@ -104,6 +104,16 @@ def test_diffae_trains_resumes_exactly_and_evaluates(tmp_path, capsys):
         assert report["method"] == "diffae" and report["fake"] == f"reconstructions ({mode} x_T)"
         fids[mode] = report["fid"]
     assert 0 <= fids["inferred"] < fids["random"]
+    # dbae reconstruct: the same reconstructions as eval recon, a grid of inputs and results
+    grid = tmp_path / "rec.png"
+    assert main(["reconstruct", "--ckpt", str(run), "--dataset", "shapes", "--n", "6", "--x-T", "random",
+                 "--decode-steps", "5", "--out", str(grid)]) == 0  # fmt: skip
+    rec = json.loads(grid.with_suffix(".json").read_text())
+    assert (rec["method"], rec["x_T"], rec["nfe"], rec["images"]) == ("diffae", "random", 5, 6)
+    assert rec["mse"] == pytest.approx(random["mse"], rel=1e-6)  # same seed, images and steps as eval recon
+    assert "5 steps (random x_T)" in capsys.readouterr().out
+    assert main(["reconstruct", "--ckpt", str(run), "--dataset", "shapes", "--nfe", "4", "--out", str(grid)]) == 2
+    assert "--nfe is a DBAE option" in _one_line_error(capsys, "reconstruct")
     assert main(["eval", "probe", "--ckpt", str(run), "--n-train", "64", "--n-test", "32", "--out", str(ev)]) == 0
     probe = json.loads((ev / "probe.json").read_text())
     assert probe["method"] == "diffae" and probe["z_dim"] == 16 and 0.0 <= probe["classification"]["map"] <= 1.0

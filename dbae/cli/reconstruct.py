@@ -1,4 +1,7 @@
-"""``dbae reconstruct``: encode in one pass, decode with a few steps, report quality."""
+"""``dbae reconstruct``: encode in one pass, decode with a few steps, report quality.
+
+DiffAE / PDAE checkpoints reconstruct as in ``dbae eval recon``: from the DDIM-inverted x_T
+or a random one (``--x-T``, ``--inversion-steps``, ``--decode-steps``)."""
 
 from __future__ import annotations
 
@@ -8,15 +11,16 @@ from pathlib import Path
 
 import torch
 
+from ..baselines.checkpoints import LoadedBaseline
 from ..imageio import save_grid
 from ..metrics import summarize
 from ..training.checkpoint import atomic_write_text
+from . import eval_baselines
 from .common import (
     add_checkpoint_arguments,
     add_input_arguments,
     add_sampler_arguments,
     check_sampler_arguments,
-    open_model,
     read_inputs,
 )
 
@@ -27,14 +31,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(p)
     add_input_arguments(p)
     add_sampler_arguments(p)
+    eval_baselines.add_recon_arguments(p)
     p.add_argument("--out", type=Path, default=Path("reconstruction.png"), help="grid PNG (default reconstruction.png)")
     p.add_argument("--json", type=Path, help="metrics JSON (default: next to the grid)")
     p.add_argument("--batch-size", type=int, default=32)
 
 
 def run(args: argparse.Namespace) -> int:
+    loaded = eval_baselines.open_checkpoint(args)
+    eval_baselines.check_recon_options(args, loaded)
+    if isinstance(loaded, LoadedBaseline):
+        return _run_baseline(args, loaded)
     check_sampler_arguments(args)
-    loaded = open_model(args)
     model = loaded.model
     device = next(model.parameters()).device
     x = read_inputs(args, model.config.image_size)
@@ -49,12 +57,23 @@ def run(args: argparse.Namespace) -> int:
     recon, x_T = torch.cat(images), torch.cat(endpoints)
     n = min(16, x.shape[0])
     save_grid(args.out, [x[:n], x_T[:n], recon[:n]], ["input", "x_T", f"recon ({nfe} NFE)"])
+    how = {"nfe": nfe, "sampler": args.sampler, "churn": args.churn}
+    return _report(args, loaded, x, recon, how, f"{nfe} NFE ({args.sampler})")
+
+
+def _run_baseline(args: argparse.Namespace, loaded: LoadedBaseline) -> int:
+    x = read_inputs(args, loaded.model.config.image_size)
+    recon, how = eval_baselines.reconstruct(args, loaded, x)
+    n = min(16, x.shape[0])
+    save_grid(args.out, [x[:n], recon[:n]], ["input", f"recon ({how['x_T']} x_T, {how['nfe']} steps)"])
+    return _report(args, loaded, x, recon, {"method": loaded.method, **how}, f"{how['nfe']} steps ({how['x_T']} x_T)")
+
+
+def _report(args: argparse.Namespace, loaded, x: torch.Tensor, recon: torch.Tensor, how: dict, what: str) -> int:
     stats = summarize((recon + 1) / 2, (x + 1) / 2)
-    report = {"checkpoint": str(loaded.path), "step": loaded.step, "images": x.shape[0], "nfe": nfe,
-              "sampler": args.sampler, "churn": args.churn, **stats}
+    report = {"checkpoint": str(loaded.path), "step": loaded.step, "images": x.shape[0], **how, **stats}
     json_path = args.json or args.out.with_suffix(".json")
     atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
-    print(f"{x.shape[0]} images, {nfe} NFE ({args.sampler}): MSE {stats['mse']:.5f}  "
-          f"PSNR {stats['psnr']:.2f} dB  SSIM {stats['ssim']:.4f}")
+    print(f"{x.shape[0]} images, {what}: MSE {stats['mse']:.5f}  PSNR {stats['psnr']:.2f} dB  SSIM {stats['ssim']:.4f}")
     print(f"grid: {args.out}  metrics: {json_path}")
     return 0
