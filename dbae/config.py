@@ -85,6 +85,14 @@ class ModelConfig:
             raise ConfigError("z_dim must be positive")
 
 
+
+def check_positive_ints(config: Any, names: tuple[str, ...], prefix: str = "") -> None:
+    """ConfigError unless each field ``names`` of ``config`` is an integer >= 1 (a bool is not)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{prefix}{name} must be an integer >= 1, got {value!r}")
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 128
@@ -113,9 +121,7 @@ class TrainConfig:
             raise ConfigError(f"tc_weight must be >= 0, got {self.tc_weight}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        for name in ("batch_size", "steps", "log_every", "sample_every", "ckpt_every", "sample_nfe"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_positive_ints(self, ("batch_size", "steps", "log_every", "sample_every", "ckpt_every", "sample_nfe"))
         if not (0.0 <= self.ema_decay < 1.0):
             raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from ..config import PRESETS as DBAE_PRESETS
-from ..config import EncoderConfig, ModelConfig, UNetConfig, dataclass_from_dict, get_preset, to_dict
+from ..config import (
+    EncoderConfig,
+    ModelConfig,
+    UNetConfig,
+    check_positive_ints,
+    dataclass_from_dict,
+    get_preset,
+    to_dict,
+)
 from ..errors import ConfigError
 from .ddim import ScheduleConfig
 
@@ -86,10 +94,7 @@ class DiffAETrainConfig:
     ckpt_every: int = 5000
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "steps", "log_every", "ckpt_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        check_positive_ints(self, ("batch_size", "steps", "log_every", "ckpt_every"))
         if self.optimizer not in ("adam", "radam"):
             raise ConfigError(f"optimizer must be 'adam' or 'radam', got {self.optimizer!r}")
         if not (self.lr > 0):

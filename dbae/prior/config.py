@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..config import dataclass_from_dict
+from ..config import check_positive_ints, dataclass_from_dict
 from ..errors import ConfigError
 
 LOSSES = ("l1", "l2")
@@ -84,9 +84,7 @@ class PriorTrainConfig:
     ckpt_every: int = 10_000
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "steps", "log_every", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"prior {name} must be >= 1, got {getattr(self, name)}")
+        check_positive_ints(self, ("batch_size", "steps", "log_every", "ckpt_every"), prefix="prior ")
         if self.lr <= 0:
             raise ConfigError(f"prior lr must be positive, got {self.lr}")
         if not (0.0 <= self.ema_decay < 1.0):

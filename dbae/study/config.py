@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..config import PRESETS
+from ..config import PRESETS, check_positive_ints
 from ..errors import ConfigError
 
 #: the compared methods: DBAE, DBAE-d (deterministic encoder), DiffAE, PDAE
@@ -62,12 +62,8 @@ class StudyConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods must be distinct names from {', '.join(METHODS)}, got {list(self.methods)}")
-        positive = ("steps", "recon_images", "dbae_nfe", "decode_steps", "diffae_inversion_steps",
-                    "pdae_inversion_steps", "latency_batch", "latency_runs", "grid_images")  # fmt: skip
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        check_positive_ints(self, ("steps", "recon_images", "dbae_nfe", "decode_steps", "diffae_inversion_steps",
+                                   "pdae_inversion_steps", "latency_batch", "latency_runs", "grid_images"))
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or self.batch_size < 1):
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size!r}")
         if self.probe_train < 2 or self.probe_test < 2:
