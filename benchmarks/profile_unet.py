@@ -5,10 +5,13 @@ target of ``dbae bench latency`` is a per-evaluation budget (K = 10 in 20 ms: un
 evaluation at batch 1). This script runs the U-Net of a preset (random weights) under the
 torch profiler and prints the kernels that take its GPU time, grouped by kind
 (convolution, matmul, normalisation, attention, elementwise, other), plus the wall time per
-evaluation, so that the host's share shows too. It writes the table as JSON.
+evaluation (so that the host's share shows too) and, on CUDA, the time of one evaluation
+captured as a CUDA graph and replayed (what the CUDA-graph runners pay). The options are the
+runners' levers: converted weights against autocast (--cast), NHWC, cuDNN's algorithm search,
+inductor with and without freezing. It writes the table as JSON.
 
     python benchmarks/profile_unet.py --preset ffhq128 --batch 1 --precision bf16
-    python benchmarks/profile_unet.py --preset ffhq128 --compile --channels-last
+    python benchmarks/profile_unet.py --preset ffhq128 --compile --cast --channels-last --cudnn-benchmark
     python benchmarks/profile_unet.py --smoke          # no CUDA: tiny16 on the CPU (CPU ops)
 """
 
@@ -26,12 +29,16 @@ from pathlib import Path
 import torch
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# kernel-name patterns of each kind, tried in this order (cuDNN, cuBLAS/CUTLASS, inductor, ATen)
+# kernel-name patterns of each kind, tried in this order (inductor, cuDNN, cuBLAS/CUTLASS, ATen)
 KINDS = (
+    # inductor's generated kernels first: their names list the ops they fused (a group norm fused
+    # into the input of a convolution is named "..._convolution_...", yet it is not one)
+    ("normalisation", re.compile(r"^triton_(per|red)_")),
+    ("elementwise", re.compile(r"^triton_poi_")),
     ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
     ("convolution", re.compile(r"conv|implicit_gemm|winograd|fprop|dgrad|wgrad|nhwc|nchw", re.I)),
-    ("matmul", re.compile(r"gemm|matmul|cublas|cutlass|sm90_xmma|mm_|addmm|linear", re.I)),
-    ("normalisation", re.compile(r"norm|welford|reduction|reduce|mean|var", re.I)),
+    ("matmul", re.compile(r"gemm|matmul|cublas|nvjet|cutlass|sm90_xmma|mm_|addmm|linear", re.I)),
+    ("normalisation", re.compile(r"norm|moments|welford|reduction|reduce|mean|var", re.I)),
     ("elementwise", re.compile(r"elementwise|vectorized|unrolled|pointwise|triton_poi|silu|add|mul|copy|cat", re.I)),
 )
 
@@ -57,6 +64,28 @@ def unet_inputs(model, batch: int, device: torch.device, channels_last: bool):
     return x_in, c_noise, x_T, z
 
 
+def graph_replay_ms(evaluate, iters: int) -> float:
+    """Milliseconds per replay of one evaluation captured as a CUDA graph: the device time the
+    CUDA-graph runners pay per evaluation, without the host's launch cost."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        evaluate()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        evaluate()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def profile(args: argparse.Namespace) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
@@ -65,14 +94,26 @@ def profile(args: argparse.Namespace) -> dict:
     from dbae.config import get_preset
     from dbae.model import DBAE
 
+    from dbae.export.torch_runners import CastNetwork
+
     device = torch.device(args.device)
     model = DBAE(get_preset(args.preset).model).to(device).eval()
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    unet = torch.compile(model.unet) if args.compile else model.unet
-    inputs = unet_inputs(model, args.batch, device, args.channels_last)
     dtype = PRECISIONS[args.precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    if args.cast:  # what the runners do: converted weights, float32 in and out
+        unet = CastNetwork(model.unet, dtype or torch.float32, args.channels_last)
+    else:
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        unet = model.unet
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.freeze:  # inductor folds the (inference) weights into constants
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+    unet = torch.compile(unet) if args.compile else unet
+    inputs = unet_inputs(model, args.batch, device, args.channels_last)
+    use_autocast = dtype is not None and not args.cast
+    autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -89,6 +130,7 @@ def profile(args: argparse.Namespace) -> dict:
         evaluate()
     sync()
     wall_ms = 1e3 * (time.perf_counter() - start) / args.iters
+    graph_ms = graph_replay_ms(evaluate, args.iters) if cuda else None
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch_profile(activities=activities) as prof:
@@ -119,7 +161,11 @@ def profile(args: argparse.Namespace) -> dict:
         "precision": args.precision,
         "compile": args.compile,
         "channels_last": args.channels_last,
+        "cast": args.cast,
+        "cudnn_benchmark": args.cudnn_benchmark,
+        "freeze": args.freeze,
         "wall_ms_per_eval": wall_ms,
+        "graph_ms_per_eval": graph_ms,
         "device_ms_per_eval": total_us / 1e3,
         "launches_per_eval": sum(calls for _, calls in per_kernel.values()),
         "by_kind_ms": {k: v / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
@@ -130,9 +176,11 @@ def profile(args: argparse.Namespace) -> dict:
 def print_report(result: dict, top: int) -> None:
     what = "GPU kernels" if result["device"] != "cpu" else "CPU ops"
     print(f"{result['preset']} U-Net on {result['device']}, batch {result['batch']}, {result['precision']}, "
-          f"compile={result['compile']}, channels_last={result['channels_last']}")  # fmt: skip
-    print(f"wall {result['wall_ms_per_eval']:.3f} ms per evaluation; {what} {result['device_ms_per_eval']:.3f} ms "
-          f"in {result['launches_per_eval']:.0f} launches")  # fmt: skip
+          f"compile={result['compile']}, channels_last={result['channels_last']}, cast={result['cast']}, "
+          f"cudnn_benchmark={result['cudnn_benchmark']}, freeze={result['freeze']}")  # fmt: skip
+    graph = "" if result["graph_ms_per_eval"] is None else f"; CUDA-graph replay {result['graph_ms_per_eval']:.3f} ms"
+    print(f"wall {result['wall_ms_per_eval']:.3f} ms per evaluation{graph}; {what} {result['device_ms_per_eval']:.3f} "
+          f"ms in {result['launches_per_eval']:.0f} launches")  # fmt: skip
     total = result["device_ms_per_eval"] or 1.0
     for kind, ms in result["by_kind_ms"].items():
         print(f"  {kind:<14}{ms:9.3f} ms  {100 * ms / total:5.1f}%")
@@ -150,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (inductor) first")
     parser.add_argument("--channels-last", action="store_true", help="weights and images in NHWC")
+    parser.add_argument("--cast", action="store_true",
+                        help="the U-Net's weights converted to the precision (the runners' way) instead of autocast")  # fmt: skip
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution algorithms")
+    parser.add_argument("--freeze", action="store_true", help="with --compile: inductor freezing (weights as constants)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)

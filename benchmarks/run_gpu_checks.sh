@@ -7,7 +7,7 @@
 #   4. both kernel benchmarks (GB/s against the device-to-device copy of the same run),
 #   5. the deployment latency benchmark (eager against CUDA graphs, ffhq128 random weights),
 #   6. DBAE against DiffAE and PDAE at the authors' step counts (paper Table 5, ffhq128),
-#   7. where one ffhq128 U-Net evaluation spends its GPU time (eager; compiled; compiled NHWC),
+#   7. where one ffhq128 U-Net evaluation spends its GPU time, per set of the runners' levers,
 #   8. ffhq128 training throughput (images/s): fp32 eager against bf16, bf16 + --compile, and
 #      bf16 + --compile + --channels-last (THROUGHPUT_STEPS steps at THROUGHPUT_BATCH).
 #
@@ -16,10 +16,13 @@
 # Every step writes its log and JSON under OUTPUT_DIR; a failing step does not stop the others.
 # With ARCHIVE=path.tgz set, OUTPUT_DIR is packed into that archive after every step (so that a
 # run cut short still leaves everything it finished in one file). CHECKS picks the steps
-# (default: all of build tests bench_step bench_train train latency compare profile throughput); BENCH_TRAIN_SIZES the
+# (default: all of build tests bench_step bench_train train latency compare profile throughput; "stage"
+# instead of "build" runs the pure-Python package without building the extension); BENCH_TRAIN_SIZES the
 # sizes of the training-kernel benchmark and BENCH_TRAIN_CONFIGS its launch settings (WARPS:ROUNDS
 # ...); BENCH_STEP_BATCHES the batches of the sampler-step benchmark; LATENCY_RUNNERS the runners of the latency benchmark
-# (the compiled ones spend minutes in inductor first), LATENCY_BATCHES its batches; *_TIMEOUT the
+# (the compiled ones spend minutes in inductor first), LATENCY_BATCHES its batches, LATENCY_FLAGS more of
+# its options (--channels-last, --autocast); PROFILE_VARIANTS and THROUGHPUT_VARIANTS the flag sets
+# (separated by ';') of the U-Net profiles and the training-throughput runs; *_TIMEOUT the
 # steps' limits in seconds, TEST_TIMEOUT the limit of one test.
 set -u
 out=${1:-runs/gpu_checks}
@@ -49,12 +52,17 @@ $py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 nvcc --version | tail -n 2 >>"$out/device.txt" 2>&1
 cat "$out/device.txt"
 
-if want build && ! TAIL_LINES=40 step build 300 $py -m pip install --no-build-isolation --no-deps -v -e .; then
-  echo "build failed: staging the pure-Python package (no dbae._C, no dbae/_ops.so)"
-  stage=/tmp/dbae_stage
+stage_python_package() {  # dbae as installed, without the compiled extension (no dbae._C, no dbae/_ops.so)
+  local stage=/tmp/dbae_stage
   rm -rf "$stage" && mkdir -p "$stage"
   cp -r dbae "$stage/dbae" && cp -r kernels "$stage/dbae/kernels" && cp -r export "$stage/dbae/export"
   export PYTHONPATH=$stage
+}
+if want build && ! TAIL_LINES=40 step build 300 $py -m pip install --no-build-isolation --no-deps -v -e .; then
+  echo "build failed: staging the pure-Python package"
+  stage_python_package
+elif want stage; then  # CHECKS=stage: skip the build (the Triton kernels and the reference ops only)
+  stage_python_package
 fi
 $py -c "from dbae import fused_step as fs; print('fused-step report:', fs.report(), 'kernel devices:', fs.KERNEL_DEVICES)" 2>&1 | tee "$out/report.txt"
 
@@ -87,30 +95,36 @@ fi
 # shellcheck disable=SC2086
 want latency && step latency "${LATENCY_TIMEOUT:-400}" $py -m dbae.cli.main bench latency --preset ffhq128 \
   --device cuda --runners ${LATENCY_RUNNERS:-eager cuda-graph cuda-graph-compiled} --steps 4 10 --batches ${LATENCY_BATCHES:-1 8} \
-  --precision bf16 --runs 20 --out "$out/latency"
+  --precision bf16 --runs 20 ${LATENCY_FLAGS:-} --out "$out/latency"
 
 # the paper's Table 5 setting on this GPU: DBAE against DiffAE and PDAE (random weights: cost only)
 want compare && step compare "${COMPARE_TIMEOUT:-300}" $py -m dbae.cli.main bench compare --preset ffhq128 \
   --device cuda --precision bf16 --batch 1 --runs 5 --warmup 1 --out "$out/compare"
 
-# the per-evaluation budget of the latency targets: which kernels take a U-Net evaluation's time
+# the per-evaluation budget of the latency targets: which kernels take a U-Net evaluation's time,
+# per set of the runners' levers (PROFILE_VARIANTS: flag sets separated by ';')
 if want profile; then
-  step profile_eager 120 $py benchmarks/profile_unet.py --preset ffhq128 --json "$out/profile_eager.json"
-  step profile_compiled "${PROFILE_TIMEOUT:-300}" $py benchmarks/profile_unet.py --preset ffhq128 --compile \
-    --json "$out/profile_compiled.json"
-  step profile_compiled_nhwc "${PROFILE_TIMEOUT:-300}" $py benchmarks/profile_unet.py --preset ffhq128 --compile \
-    --channels-last --json "$out/profile_compiled_nhwc.json"
+  IFS=';' read -r -a variants <<<"${PROFILE_VARIANTS:-; --cast; --cast --channels-last --cudnn-benchmark; --compile; --compile --cast --channels-last --cudnn-benchmark; --compile --cast --channels-last --cudnn-benchmark --freeze}"
+  for variant in "${variants[@]}"; do
+    name=profile$(echo "$variant" | tr -d '-' | tr -s ' ' '_')
+    # shellcheck disable=SC2086
+    step "$name" "${PROFILE_TIMEOUT:-300}" $py benchmarks/profile_unet.py --preset ffhq128 --iters 20 $variant \
+      --json "$out/$name.json"
+  done
 fi
 
 # training throughput of the paper's ffhq128 preset (random data of the built-in shapes at 128)
 if want throughput; then
-  for variant in "fp32" "bf16" "bf16 --compile" "bf16 --compile --channels-last"; do
+  IFS=';' read -r -a variants <<<"${THROUGHPUT_VARIANTS:-fp32; bf16; bf16 --compile; bf16 --compile --channels-last}"
+  for variant in "${variants[@]}"; do
+    variant=$(echo $variant)  # trimmed
     name=throughput_$(echo "$variant" | tr -d '-' | tr ' ' '_')
     # shellcheck disable=SC2086
     step "$name" "${THROUGHPUT_TIMEOUT:-300}" $py -m dbae.cli.main train --preset ffhq128 --device cuda \
       --precision $variant --steps "${THROUGHPUT_STEPS:-40}" --batch-size "${THROUGHPUT_BATCH:-32}" --log-every 10 \
       --sample-every 100000 --ckpt-every 100000 --no-progress --out "/tmp/$name"
     cp "/tmp/$name/metrics.jsonl" "$out/$name.metrics.jsonl" 2>/dev/null
+    [[ -n ${ARCHIVE:-} ]] && tar czf "$ARCHIVE" -C "$out" .
   done
 fi
 

@@ -30,18 +30,18 @@ from .torch_runners import CUDAGraphRunner, EagerRunner
 RunnerFactory = Callable[[DecodeSetting], Runner]
 
 
-def _eager(compile: bool) -> Callable[[DBAE, str], RunnerFactory]:
-    def make(model: DBAE, precision: str) -> RunnerFactory:
-        return lambda setting: EagerRunner(model, setting, precision=precision, compile=compile)
+def _eager(compile: bool) -> Callable[..., RunnerFactory]:
+    def make(model: DBAE, precision: str, **options: bool) -> RunnerFactory:
+        return lambda setting: EagerRunner(model, setting, precision=precision, compile=compile, **options)
 
     return make
 
 
-def _cuda_graph(compile: bool) -> Callable[[DBAE, str], RunnerFactory]:
-    def make(model: DBAE, precision: str) -> RunnerFactory:
+def _cuda_graph(compile: bool) -> Callable[..., RunnerFactory]:
+    def make(model: DBAE, precision: str, **options: bool) -> RunnerFactory:
         if next(model.parameters()).device.type != "cuda":
             raise ConfigError("runner cuda-graph needs a CUDA device (pass --device cuda on a machine with a GPU)")
-        return lambda setting: CUDAGraphRunner(model, setting, precision=precision, compile=compile)
+        return lambda setting: CUDAGraphRunner(model, setting, precision=precision, compile=compile, **options)
 
     return make
 
@@ -97,7 +97,7 @@ def _tensorrt(model: DBAE, precision: str) -> RunnerFactory:
 
 
 #: kind -> (make a factory for (model, precision), one-line description)
-KINDS: dict[str, tuple[Callable[[DBAE, str], RunnerFactory], str]] = {
+KINDS: dict[str, tuple[Callable[..., RunnerFactory], str]] = {
     "eager": (_eager(False), "DBAE in eager PyTorch (the baseline)"),
     "eager-compiled": (_eager(True), "eager, with the networks compiled by torch.compile (inductor)"),
     "cuda-graph": (_cuda_graph(False), "encode / decode / edit captured as CUDA graphs (GPU)"),
@@ -121,7 +121,21 @@ def default_kinds(device: torch.device) -> list[str]:
     return ["eager", "onnxruntime"] if _importable("onnx") and _importable("onnxruntime") else ["eager"]
 
 
-def factory(kind: str, model: DBAE, precision: str) -> RunnerFactory:
+#: the runner kinds that run the PyTorch model (and take the PyTorch options below)
+TORCH_KINDS = ("eager", "eager-compiled", "cuda-graph", "cuda-graph-compiled")
+
+
+def factory(kind: str, model: DBAE, precision: str, *, channels_last: bool = False, autocast: bool = False) -> RunnerFactory:
+    """The factory of runner ``kind``. ``channels_last`` and ``autocast`` are options of the
+    PyTorch runners (see :class:`dbae.export.torch_runners.EagerRunner`); the exported runtimes
+    refuse them (their graphs fix their own layouts and precisions)."""
     if kind not in KINDS:
         raise ConfigError(f"unknown runner {kind!r}; choose from: {', '.join(KINDS)}")
+    options = {"channels_last": channels_last, "autocast": autocast}
+    if kind in TORCH_KINDS:
+        return KINDS[kind][0](model, precision, **options)
+    named = [f"--{name.replace('_', '-')}" for name, on in options.items() if on]
+    if named:
+        raise ConfigError(f"{' and '.join(named)} apply to the PyTorch runners ({', '.join(TORCH_KINDS)}), "
+                          f"not to {kind}")  # fmt: skip
     return KINDS[kind][0](model, precision)

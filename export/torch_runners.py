@@ -1,13 +1,17 @@
 """PyTorch runners: eager, and the whole encode / decode / edit captured as CUDA graphs.
 
 Both run :class:`dbae.model.DBAE` itself (its samplers use the fused sampler-step ops where
-built, see :mod:`dbae.fused_step`), in float32 or under autocast (``precision``).
+built, see :mod:`dbae.fused_step`): the networks in float32, bf16 or fp16 (``precision``: converted
+copies of their weights, or autocast), NCHW or NHWC, eager or compiled; the bridge and
+sampler math in float32.
 
 :class:`CUDAGraphRunner` captures one graph per operation and batch size, on first use:
 the encoder pass; Dec(z) plus the ``steps`` unrolled sampler steps; and the edit (encode,
 shift, decode) as one graph. A call copies its inputs into the graph's static buffers,
 replays it, and returns a copy of the static output, so that a later call never overwrites
-what an earlier one returned. Host work per call: three copies and one replay.
+what an earlier one returned. Host work per call: three copies and one replay. cuDNN
+benchmarks its convolution algorithms while a graph is warmed up (the shapes are fixed), and
+the graph keeps the fastest.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import copy
 
 import torch
+from torch import nn
 
 from dbae.errors import ConfigError
 from dbae.model import DBAE
@@ -27,47 +32,106 @@ Tensor = torch.Tensor
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str, enabled: bool = True):
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
+    if precision == "fp32" or not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
-def compiled_networks(model: DBAE, **compile_options) -> DBAE:
-    """A view of ``model`` whose encoder, decoder and U-Net run through ``torch.compile``.
+class CastNetwork(nn.Module):
+    """A network run in ``dtype`` (and NHWC with ``channels_last``) behind float32 inputs and outputs.
 
-    The parameters are shared (nothing is copied); the bridge math and the sampler loop stay
-    eager Python, so only the networks are traced (once per input shape and dtype)."""
+    It holds its own copy of the weights, converted once, so that a call casts no weights
+    (autocast casts every weight on every call). Tensors of two or more dimensions (images,
+    latents) are cast to ``dtype`` on the way in; 1-D per-sample scalars such as ``c_noise``
+    stay float32 (the U-Net's time embedding casts them after its sinusoids). Floating outputs
+    come back as float32, so the bridge and sampler math around the network stays float32."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype, channels_last: bool = False) -> None:
+        super().__init__()
+        self.net = copy.deepcopy(net).to(dtype=dtype)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def _in(self, x):
+        if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2):
+            return x
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+    @staticmethod
+    def _out(y):
+        if isinstance(y, tuple):
+            return tuple(CastNetwork._out(v) for v in y)
+        return y.float() if isinstance(y, Tensor) and y.is_floating_point() else y
+
+    def forward(self, *args: Tensor):
+        return self._out(self.net(*map(self._in, args)))
+
+
+NETWORKS = ("encoder", "decoder", "unet")
+
+
+def inference_networks(
+    model: DBAE, precision: str = "fp32", *, compile: bool = False, channels_last: bool = False,
+    autocast: bool = False, **compile_options,
+) -> DBAE:  # fmt: skip
+    """A view of ``model`` whose encoder, decoder and U-Net run as the runners run them.
+
+    ``precision`` bf16 / fp16 (unless ``autocast``) or ``channels_last``: each network becomes a
+    :class:`CastNetwork` (a converted copy of its weights); otherwise the view shares the
+    model's parameters (nothing is copied, and fp16 / bf16 come from autocast around the call).
+    ``compile``: each network runs through ``torch.compile(**compile_options)``. The bridge
+    math and the sampler loop stay eager Python, so only the networks are traced (once per
+    input shape and dtype). The model itself is left as it was."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    cast = channels_last or (precision != "fp32" and not autocast)
     view = copy.copy(model)
     view._modules = dict(model._modules)  # copy.copy would share the dict of submodules
-    for name in ("encoder", "decoder", "unet"):
-        setattr(view, name, torch.compile(getattr(model, name), **compile_options))
+    for name in NETWORKS:
+        net = getattr(model, name)
+        if cast:  # with autocast, a float32 copy in NHWC (autocast casts it per call)
+            net = CastNetwork(net, torch.float32 if autocast else PRECISIONS[precision], channels_last)
+        if compile:
+            net = torch.compile(net, **compile_options)
+        setattr(view, name, net)
     return view
 
 
 class EagerRunner(Runner):
     """DBAE in eager PyTorch: the baseline every other runner is compared with.
 
-    ``compile=True`` runs the three networks through ``torch.compile`` (inductor): fewer,
-    fused kernels; the first call of each batch size compiles (seconds to minutes)."""
+    ``precision`` bf16 / fp16: the networks run on converted copies of their weights (see
+    :class:`CastNetwork`), or under autocast on the model's own float32 weights with
+    ``autocast=True``; the bridge and sampler math stays float32 either way.
+    ``channels_last``: the networks' weights and activations in NHWC (what cuDNN's tensor-core
+    convolutions read). ``compile=True`` runs the three networks through ``torch.compile``
+    (inductor): fewer, fused kernels; the first call of each batch size compiles (seconds to
+    minutes)."""
 
     name = "eager"
 
-    def __init__(self, model: DBAE, setting: DecodeSetting, *, precision: str = "fp32", compile: bool = False) -> None:
+    def __init__(
+        self, model: DBAE, setting: DecodeSetting, *, precision: str = "fp32", compile: bool = False,
+        channels_last: bool = False, autocast: bool = False,
+    ) -> None:  # fmt: skip
         cfg = model.config
         device = next(model.parameters()).device
         super().__init__((cfg.image_channels, cfg.image_size, cfg.image_size), cfg.z_dim, setting, device)
-        _autocast(device, precision)  # validates precision
         model.eval()
-        self.model = compiled_networks(model) if compile else model
+        self.model = inference_networks(model, precision, compile=compile, channels_last=channels_last,
+                                        autocast=autocast)  # fmt: skip
         self.precision = precision
-        if compile:
-            self.name = f"{self.name}-compiled"
+        self.autocast = autocast
+        self.name += "-compiled" * compile + "-nhwc" * channels_last + "-autocast" * (autocast and precision != "fp32")
 
     def _context(self):
-        return _autocast(self.device, self.precision)
+        return _autocast(self.device, self.precision, self.autocast)
 
     @torch.no_grad()
     def _encode(self, images: Tensor) -> Tensor:
@@ -88,6 +152,16 @@ class EagerRunner(Runner):
             return self.model.decode(z, s.nfe, sampler=s.sampler).images.float()
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark():
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 class _Captured:
     """One captured graph: static inputs, the graph, its static output."""
 
@@ -95,12 +169,14 @@ class _Captured:
         self.inputs = [x.clone() for x in inputs]
         side = torch.cuda.Stream(device=self.inputs[0].device)
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, cuBLAS handles, autotuning
+        # the shapes are fixed from here on, so let cuDNN time its algorithms once (warm-up) and
+        # the graph keep the fastest; the global flag is restored afterwards
+        with _cudnn_benchmark(), torch.cuda.stream(side):  # off the capture: lazy inits, cuBLAS handles, autotuning
             for _ in range(warmup):
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with _cudnn_benchmark(), torch.cuda.graph(self.graph):
             self.output = fn(*self.inputs)
 
     def __call__(self, *inputs: Tensor) -> Tensor:
@@ -115,8 +191,12 @@ class CUDAGraphRunner(EagerRunner):
 
     name = "cuda-graph"
 
-    def __init__(self, model: DBAE, setting: DecodeSetting, *, precision: str = "bf16", compile: bool = False) -> None:
-        super().__init__(model, setting, precision=precision, compile=compile)
+    def __init__(
+        self, model: DBAE, setting: DecodeSetting, *, precision: str = "bf16", compile: bool = False,
+        channels_last: bool = False, autocast: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(model, setting, precision=precision, compile=compile, channels_last=channels_last,
+                         autocast=autocast)  # fmt: skip
         if self.device.type != "cuda":
             raise ConfigError(f"the CUDA-graph runner needs the model on a CUDA device, not {self.device}")
         self._graphs: dict[tuple[str, int], _Captured] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,6 +182,8 @@ def test_cli_resume_auto_keep_last_and_user_mistakes(tmp_path, capsys):
     out = tmp_path / "run"
     base = ["train", "--preset", "tiny16", "--batch-size", "4", "--out", str(out), "--no-progress"]
     assert main([*base, "--steps", "2", "--resume", "auto"]) == 0  # nothing to resume: a new run
+    # without the bar, the throughput still reaches the console: a line per log step (and the last)
+    assert re.search(r"step 2/2  loss [0-9.]+  [0-9.]+ img/s \([0-9.]+ per device, 1 device\)", capsys.readouterr().out)
     assert main([*base, "--steps", "3", "--resume", "auto"]) == 0
     assert main([*base, "--steps", "4", "--resume"]) == 0  # the old spelling still works
     assert "step 4" in capsys.readouterr().out

@@ -57,9 +57,9 @@ def test_compiled_networks_share_the_weights(model):
     """The compiled view traces the same networks with the same parameters; the model itself
     is left as it was. (aot_eager: the tracing without inductor's code generation, which the
     GPU check script and `dbae bench latency --runners eager-compiled` exercise.)"""
-    from dbae.export.torch_runners import compiled_networks
+    from dbae.export.torch_runners import inference_networks
 
-    view = compiled_networks(model, backend="aot_eager")
+    view = inference_networks(model, compile=True, backend="aot_eager")
     assert type(model.unet).__name__ == "ScoreUNet" and type(view.unet).__name__ == "OptimizedModule"
     assert view.unet._orig_mod is model.unet and view.bridge is model.bridge
     x = _images(2, seed=3)
@@ -69,6 +69,36 @@ def test_compiled_networks_share_the_weights(model):
         want = model.decode(z, 2).images
         torch.testing.assert_close(view.decode(z, 2).images, want, rtol=1e-4, atol=1e-4)
     assert EagerRunner(model, DecodeSetting(1), compile=True).name == "eager-compiled"
+
+
+def test_cast_networks_are_converted_copies(model):
+    """bf16 / NHWC runners run converted copies of the networks behind float32 inputs and
+    outputs: the model keeps its float32 NCHW weights, NHWC in float32 gives the model's images
+    (same math, another layout), and bf16 weights stay close to them (bf16 keeps 8 bits of
+    mantissa: the tiny model's 3-step decode measured within about 0.02 of float32)."""
+    from dbae.export.torch_runners import CastNetwork, inference_networks
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    view = inference_networks(model, "bf16")
+    assert isinstance(view.unet, CastNetwork) and view.unet.net.out[2].weight.dtype == torch.bfloat16
+    assert view.unet.net is not model.unet and model.unet.out[2].weight.dtype == torch.float32
+    nhwc = inference_networks(model, "fp32", channels_last=True)
+    w = nhwc.unet.net.input_blocks[0][0].weight
+    assert w.dtype == torch.float32 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    x = _images(3, seed=4)
+    with torch.no_grad():
+        z = model.encode(x)
+        want = model.decode(z, 3).images
+        torch.testing.assert_close(nhwc.encode(x), z, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(nhwc.decode(z, 3).images, want, rtol=1e-4, atol=1e-4)
+        z16 = view.encode(x)
+        assert z16.dtype == torch.float32 and (z16 - z).abs().max() < 0.05
+        got = EagerRunner(model, DecodeSetting(3), precision="bf16").decode(z)
+    assert got.dtype == torch.float32 and 0 < (got - want).abs().max() < 0.1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    runner = EagerRunner(model, DecodeSetting(1), precision="bf16", channels_last=True, autocast=True)
+    assert runner.name == "eager-nhwc-autocast" and runner.model.unet.dtype == torch.float32
 
 
 @pytest.mark.parametrize("steps", [0, 11, 2.5])
@@ -140,6 +170,10 @@ def test_cli_bench_latency(tmp_path, capsys):
         ("eager", "encode", 2), ("eager", "decode", 2), ("eager", "edit", 2)]  # fmt: skip
     assert data["meta"]["precision"] == "fp32" and "tiny16" in data["meta"]["model"]
     assert "median ms" in capsys.readouterr().out
+    assert main([*args, "--channels-last", "--precision", "bf16"]) == 0
+    data = json.loads((out / "latency.json").read_text())
+    assert {r["runner"] for r in data["rows"]} == {"eager"} and data["meta"]["channels_last"]  # the options: meta
+    assert data["meta"]["precision"] == "bf16" and not data["meta"]["autocast"]
 
 
 @pytest.mark.parametrize(
@@ -149,6 +183,7 @@ def test_cli_bench_latency(tmp_path, capsys):
         (["--runners", "nope"], "unknown runner 'nope'"),
         (["--steps", "12"], "steps must be an integer from 1 to 10"),
         (["--batches", "0"], "--batches must be >= 1"),
+        (["--runners", "onnxruntime", "--channels-last"], "--channels-last apply to the PyTorch runners"),
     ],
 )
 def test_cli_bench_latency_bad_arguments(tmp_path, capsys, extra, message):

@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--sampler", choices=SAMPLERS, default="euler")
     lat.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                      help="PyTorch runners' precision (default bf16 on CUDA, fp32 on the CPU)")  # fmt: skip
+    lat.add_argument("--channels-last", action="store_true",
+                     help="PyTorch runners: the networks in NHWC (cuDNN's tensor-core layout)")  # fmt: skip
+    lat.add_argument("--autocast", action="store_true",
+                     help="PyTorch runners at bf16/fp16: autocast on the float32 weights instead of converted copies")  # fmt: skip
     lat.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     lat.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     lat.add_argument("--runs", type=int, default=20, help="timed calls per measurement (default 20)")
@@ -98,7 +102,8 @@ def run_latency(args: argparse.Namespace) -> int:
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     kinds = args.runners or registry.default_kinds(device)
     model, source = _model(args, device)
-    factories = {kind: registry.factory(kind, model, precision) for kind in kinds}  # fails early, clearly
+    factories = {kind: registry.factory(kind, model, precision, channels_last=args.channels_last,
+                                        autocast=args.autocast) for kind in kinds}  # fails early, clearly
     print(f"{source} on {device}, {precision}, sampler {args.sampler}")
     print(latency.HEADER, flush=True)
     rows = latency.bench_latency(
@@ -109,6 +114,7 @@ def run_latency(args: argparse.Namespace) -> int:
         "model": source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         or platform.machine(), "precision": precision, "sampler": args.sampler, "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "warmup": args.warmup, "runs": args.runs,
+        "channels_last": args.channels_last, "autocast": args.autocast,
     }  # fmt: skip
     json_path, png_path = args.out / "latency.json", args.out / "latency.png"
     latency.write_json(rows, meta, json_path)

@@ -407,6 +407,9 @@ class Trainer:
                         if progress is not None:
                             progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{total:.0f}",
                                                  img_s_dev=f"{total / world:.0f}")
+                        else:  # no bar (--no-progress, batch jobs): one line per log step
+                            self.log(f"step {self.step}/{cfg.steps}  loss {record['loss']:.4f}  {total:.1f} img/s "
+                                     f"({total / world:.1f} per device, {world} device{'s' * (world > 1)})")
                     if progress is not None:
                         progress.update(1)
                     paused = time.perf_counter()  # evaluation and checkpoints do not count as training time
