@@ -106,6 +106,8 @@ def profile(args: argparse.Namespace) -> dict:
             model.to(memory_format=torch.channels_last)
         unet = model.unet
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.cudnn_benchmark and torch.backends.cudnn.benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = 0  # every algorithm, as the CUDA-graph runners do
     if args.freeze:  # inductor folds the (inference) weights into constants
         import torch._inductor.config as inductor_config
 
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="weights and images in NHWC")
     parser.add_argument("--cast", action="store_true",
                         help="the U-Net's weights converted to the precision (the runners' way) instead of autocast")  # fmt: skip
-    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution algorithms")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time all its convolution algorithms (benchmark_limit 0)")
     parser.add_argument("--freeze", action="store_true", help="with --compile: inductor freezing (weights as constants)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--warmup", type=int, default=3)

@@ -154,12 +154,20 @@ class EagerRunner(Runner):
 
 @contextlib.contextmanager
 def _cudnn_benchmark():
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    """cuDNN times every algorithm it has for each new convolution shape (benchmark_limit 0:
+    all of them, not the first 10 of its heuristics) and keeps the fastest; both global
+    settings are restored on exit."""
+    cudnn = torch.backends.cudnn
+    before, limit = cudnn.benchmark, cudnn.benchmark_limit
+    cudnn.benchmark = True
+    if limit is not None:  # None: no cuDNN in this build
+        cudnn.benchmark_limit = 0
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = before
+        cudnn.benchmark = before
+        if limit is not None:
+            cudnn.benchmark_limit = limit
 
 
 class _Captured:
