@@ -112,7 +112,7 @@ def profile(args: argparse.Namespace) -> dict:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
-    unet = torch.compile(unet) if args.compile else unet
+    unet = torch.compile(unet, mode=args.compile_mode) if args.compile else unet
     inputs = unet_inputs(model, args.batch, device, args.channels_last)
     use_autocast = dtype is not None and not args.cast
     autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
@@ -166,6 +166,7 @@ def profile(args: argparse.Namespace) -> dict:
         "cast": args.cast,
         "cudnn_benchmark": args.cudnn_benchmark,
         "freeze": args.freeze,
+        "compile_mode": args.compile_mode,
         "wall_ms_per_eval": wall_ms,
         "graph_ms_per_eval": graph_ms,
         "device_ms_per_eval": total_us / 1e3,
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cast", action="store_true",
                         help="the U-Net's weights converted to the precision (the runners' way) instead of autocast")  # fmt: skip
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time all its convolution algorithms (benchmark_limit 0)")
+    parser.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"],
+                        help="with --compile: torch.compile's mode (max-autotune-no-cudagraphs: inductor times "
+                             "Triton templates against cuDNN and cuBLAS per convolution and matmul)")  # fmt: skip
     parser.add_argument("--freeze", action="store_true", help="with --compile: inductor freezing (weights as constants)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--warmup", type=int, default=3)
@@ -216,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
         print("No CUDA device: nothing to profile (use --smoke for a CPU run of the script).", file=sys.stderr)
         return 1
+    if (args.freeze or args.compile_mode) and not args.compile:
+        parser.error("--freeze and --compile-mode need --compile")
     if args.batch < 1 or args.iters < 1 or args.warmup < 0:
         parser.error("--batch and --iters must be >= 1, --warmup >= 0")
     result = profile(args)

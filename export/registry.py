@@ -25,22 +25,24 @@ from dbae.errors import ConfigError
 from dbae.model import DBAE
 
 from .runner import DecodeSetting, Runner
-from .torch_runners import CUDAGraphRunner, EagerRunner
+from .torch_runners import CUDAGraphRunner, EagerRunner, check_options
 
 RunnerFactory = Callable[[DecodeSetting], Runner]
 
 
 def _eager(compile: bool) -> Callable[..., RunnerFactory]:
-    def make(model: DBAE, precision: str, **options: bool) -> RunnerFactory:
+    def make(model: DBAE, precision: str, **options) -> RunnerFactory:
+        check_options(EagerRunner, compile, **options)
         return lambda setting: EagerRunner(model, setting, precision=precision, compile=compile, **options)
 
     return make
 
 
 def _cuda_graph(compile: bool) -> Callable[..., RunnerFactory]:
-    def make(model: DBAE, precision: str, **options: bool) -> RunnerFactory:
+    def make(model: DBAE, precision: str, **options) -> RunnerFactory:
         if next(model.parameters()).device.type != "cuda":
             raise ConfigError("runner cuda-graph needs a CUDA device (pass --device cuda on a machine with a GPU)")
+        check_options(CUDAGraphRunner, compile, **options)
         return lambda setting: CUDAGraphRunner(model, setting, precision=precision, compile=compile, **options)
 
     return make
@@ -125,17 +127,20 @@ def default_kinds(device: torch.device) -> list[str]:
 TORCH_KINDS = ("eager", "eager-compiled", "cuda-graph", "cuda-graph-compiled")
 
 
-def factory(kind: str, model: DBAE, precision: str, *, channels_last: bool = False, autocast: bool = False) -> RunnerFactory:
-    """The factory of runner ``kind``. ``channels_last`` and ``autocast`` are options of the
-    PyTorch runners (see :class:`dbae.export.torch_runners.EagerRunner`); the exported runtimes
-    refuse them (their graphs fix their own layouts and precisions)."""
+def factory(
+    kind: str, model: DBAE, precision: str, *, channels_last: bool = False, autocast: bool = False,
+    compile_mode: str | None = None,
+) -> RunnerFactory:  # fmt: skip
+    """The factory of runner ``kind``. ``channels_last``, ``autocast`` and ``compile_mode`` are
+    options of the PyTorch runners (see :class:`dbae.export.torch_runners.EagerRunner`); the
+    exported runtimes refuse them (their graphs fix their own layouts and precisions)."""
     if kind not in KINDS:
         raise ConfigError(f"unknown runner {kind!r}; choose from: {', '.join(KINDS)}")
-    options = {"channels_last": channels_last, "autocast": autocast}
+    options = {"channels_last": channels_last, "autocast": autocast, "compile_mode": compile_mode}
     if kind in TORCH_KINDS:
         return KINDS[kind][0](model, precision, **options)
     named = [f"--{name.replace('_', '-')}" for name, on in options.items() if on]
     if named:
-        raise ConfigError(f"{' and '.join(named)} apply to the PyTorch runners ({', '.join(TORCH_KINDS)}), "
-                          f"not to {kind}")  # fmt: skip
+        raise ConfigError(f"{' and '.join(named)} {'apply' if len(named) > 1 else 'applies'} to the PyTorch "
+                          f"runners ({', '.join(TORCH_KINDS)}), not to {kind}")  # fmt: skip
     return KINDS[kind][0](model, precision)

@@ -103,6 +103,29 @@ def inference_networks(
     return view
 
 
+#: torch.compile modes; the two that capture inductor's own CUDA graphs cannot run inside ours
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+_GRAPHING_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_options(runner: type, compile: bool, *, compile_mode: str | None = None, **_) -> None:
+    """Refuse, before anything is built, a compile mode that ``runner`` cannot use."""
+    _compile_options(compile, compile_mode)
+    if compile_mode in _GRAPHING_MODES and issubclass(runner, CUDAGraphRunner):
+        raise ConfigError(f"compile mode {compile_mode!r} captures inductor's own CUDA graphs, which cannot run "
+                          "inside the CUDA-graph runners' graphs: use max-autotune-no-cudagraphs")  # fmt: skip
+
+
+def _compile_options(compile: bool, compile_mode: str | None) -> dict:
+    if compile_mode is None:
+        return {}
+    if compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+    if not compile:
+        raise ConfigError("a compile mode applies to the compiled runners only (eager-compiled, cuda-graph-compiled)")
+    return {"mode": compile_mode}
+
+
 class EagerRunner(Runner):
     """DBAE in eager PyTorch: the baseline every other runner is compared with.
 
@@ -112,20 +135,22 @@ class EagerRunner(Runner):
     ``channels_last``: the networks' weights and activations in NHWC (what cuDNN's tensor-core
     convolutions read). ``compile=True`` runs the three networks through ``torch.compile``
     (inductor): fewer, fused kernels; the first call of each batch size compiles (seconds to
-    minutes)."""
+    minutes). ``compile_mode`` is ``torch.compile``'s mode (``max-autotune-no-cudagraphs``:
+    inductor times its own kernels against cuDNN's and cuBLAS's, many minutes more)."""
 
     name = "eager"
 
     def __init__(
         self, model: DBAE, setting: DecodeSetting, *, precision: str = "fp32", compile: bool = False,
-        channels_last: bool = False, autocast: bool = False,
+        channels_last: bool = False, autocast: bool = False, compile_mode: str | None = None,
     ) -> None:  # fmt: skip
+        options = _compile_options(compile, compile_mode)
         cfg = model.config
         device = next(model.parameters()).device
         super().__init__((cfg.image_channels, cfg.image_size, cfg.image_size), cfg.z_dim, setting, device)
         model.eval()
         self.model = inference_networks(model, precision, compile=compile, channels_last=channels_last,
-                                        autocast=autocast)  # fmt: skip
+                                        autocast=autocast, **options)  # fmt: skip
         self.precision = precision
         self.autocast = autocast
         self.name += "-compiled" * compile + "-nhwc" * channels_last + "-autocast" * (autocast and precision != "fp32")
@@ -201,10 +226,11 @@ class CUDAGraphRunner(EagerRunner):
 
     def __init__(
         self, model: DBAE, setting: DecodeSetting, *, precision: str = "bf16", compile: bool = False,
-        channels_last: bool = False, autocast: bool = False,
+        channels_last: bool = False, autocast: bool = False, compile_mode: str | None = None,
     ) -> None:  # fmt: skip
+        check_options(CUDAGraphRunner, compile, compile_mode=compile_mode)
         super().__init__(model, setting, precision=precision, compile=compile, channels_last=channels_last,
-                         autocast=autocast)  # fmt: skip
+                         autocast=autocast, compile_mode=compile_mode)  # fmt: skip
         if self.device.type != "cuda":
             raise ConfigError(f"the CUDA-graph runner needs the model on a CUDA device, not {self.device}")
         self._graphs: dict[tuple[str, int], _Captured] = {}

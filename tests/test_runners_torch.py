@@ -101,6 +101,20 @@ def test_cast_networks_are_converted_copies(model):
     assert runner.name == "eager-nhwc-autocast" and runner.model.unet.dtype == torch.float32
 
 
+def test_compile_modes_are_checked_before_anything_is_built():
+    from dbae.export.torch_runners import check_options
+
+    check_options(CUDAGraphRunner, True, compile_mode="max-autotune-no-cudagraphs")
+    check_options(EagerRunner, True, compile_mode="reduce-overhead")  # inductor's graphs alone: fine
+    for mode in ("reduce-overhead", "max-autotune"):  # inductor's graphs inside ours: refused
+        with pytest.raises(ConfigError, match="use max-autotune-no-cudagraphs"):
+            check_options(CUDAGraphRunner, True, compile_mode=mode)
+    with pytest.raises(ConfigError, match="compiled runners only"):
+        check_options(EagerRunner, False, compile_mode="default")
+    with pytest.raises(ConfigError, match="compile mode must be one of"):
+        check_options(EagerRunner, True, compile_mode="fastest")
+
+
 @pytest.mark.parametrize("steps", [0, 11, 2.5])
 def test_unsupported_decode_lengths(steps):
     with pytest.raises(ConfigError, match="steps must be an integer from 1 to 10"):
@@ -183,7 +197,9 @@ def test_cli_bench_latency(tmp_path, capsys):
         (["--runners", "nope"], "unknown runner 'nope'"),
         (["--steps", "12"], "steps must be an integer from 1 to 10"),
         (["--batches", "0"], "--batches must be >= 1"),
-        (["--runners", "onnxruntime", "--channels-last"], "--channels-last apply to the PyTorch runners"),
+        (["--runners", "onnxruntime", "--channels-last"], "--channels-last applies to the PyTorch runners"),
+        (["--runners", "eager", "--compile-mode", "max-autotune-no-cudagraphs"],
+         "a compile mode applies to the compiled runners only"),
     ],
 )
 def test_cli_bench_latency_bad_arguments(tmp_path, capsys, extra, message):

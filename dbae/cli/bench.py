@@ -11,6 +11,7 @@ import torch
 
 from ..config import PRESETS, get_preset
 from ..errors import ConfigError
+from ..export.torch_runners import COMPILE_MODES
 from ..model import DBAE
 from ..sampling import SAMPLERS
 from ..training.trainer import resolve_device
@@ -36,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="PyTorch runners: the networks in NHWC (cuDNN's tensor-core layout)")  # fmt: skip
     lat.add_argument("--autocast", action="store_true",
                      help="PyTorch runners at bf16/fp16: autocast on the float32 weights instead of converted copies")  # fmt: skip
+    lat.add_argument("--compile-mode", choices=COMPILE_MODES,
+                     help="torch.compile mode of the compiled runners (max-autotune-no-cudagraphs: inductor times "
+                          "its kernels against cuDNN's, many minutes more)")  # fmt: skip
     lat.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     lat.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     lat.add_argument("--runs", type=int, default=20, help="timed calls per measurement (default 20)")
@@ -103,7 +107,8 @@ def run_latency(args: argparse.Namespace) -> int:
     kinds = args.runners or registry.default_kinds(device)
     model, source = _model(args, device)
     factories = {kind: registry.factory(kind, model, precision, channels_last=args.channels_last,
-                                        autocast=args.autocast) for kind in kinds}  # fails early, clearly
+                                        autocast=args.autocast, compile_mode=args.compile_mode)
+                 for kind in kinds}  # fails early, clearly
     print(f"{source} on {device}, {precision}, sampler {args.sampler}")
     print(latency.HEADER, flush=True)
     rows = latency.bench_latency(
@@ -114,7 +119,7 @@ def run_latency(args: argparse.Namespace) -> int:
         "model": source, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         or platform.machine(), "precision": precision, "sampler": args.sampler, "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "warmup": args.warmup, "runs": args.runs,
-        "channels_last": args.channels_last, "autocast": args.autocast,
+        "channels_last": args.channels_last, "autocast": args.autocast, "compile_mode": args.compile_mode,
     }  # fmt: skip
     json_path, png_path = args.out / "latency.json", args.out / "latency.png"
     latency.write_json(rows, meta, json_path)
