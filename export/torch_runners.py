@@ -47,7 +47,8 @@ class CastNetwork(nn.Module):
     (autocast casts every weight on every call). Tensors of two or more dimensions (images,
     latents) are cast to ``dtype`` on the way in; 1-D per-sample scalars such as ``c_noise``
     stay float32 (the U-Net's time embedding casts them after its sinusoids). Floating outputs
-    come back as float32, so the bridge and sampler math around the network stays float32."""
+    come back as float32 in the standard (NCHW) layout, so the bridge and sampler math around
+    the network stays float32 and the fused sampler steps read them without a copy."""
 
     def __init__(self, net: nn.Module, dtype: torch.dtype, channels_last: bool = False) -> None:
         super().__init__()
@@ -67,7 +68,7 @@ class CastNetwork(nn.Module):
     def _out(y):
         if isinstance(y, tuple):
             return tuple(CastNetwork._out(v) for v in y)
-        return y.float() if isinstance(y, Tensor) and y.is_floating_point() else y
+        return y.float().contiguous() if isinstance(y, Tensor) and y.is_floating_point() else y
 
     def forward(self, *args: Tensor):
         return self._out(self.net(*map(self._in, args)))

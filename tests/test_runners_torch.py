@@ -90,6 +90,8 @@ def test_cast_networks_are_converted_copies(model):
         z = model.encode(x)
         want = model.decode(z, 3).images
         torch.testing.assert_close(nhwc.encode(x), z, rtol=1e-5, atol=1e-5)
+        x_T = nhwc.decoder(z)
+        assert x_T.is_contiguous() and nhwc.unet(x, torch.zeros(3), x_T, z).is_contiguous()  # back in NCHW
         torch.testing.assert_close(nhwc.decode(z, 3).images, want, rtol=1e-4, atol=1e-4)
         z16 = view.encode(x)
         assert z16.dtype == torch.float32 and (z16 - z).abs().max() < 0.05
@@ -247,3 +249,26 @@ def test_compiled_cuda_graph_runner_matches_eager(model):
     x = _images(2, seed=5).cuda()
     torch.testing.assert_close(graphed.encode(x), eager.encode(x), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(graphed.reconstruct(x), eager.reconstruct(x), rtol=2e-3, atol=2e-3)
+
+
+@cuda
+def test_bf16_nhwc_cuda_graph_runner_matches_its_eager_twin(model):
+    """The deployment setting (bf16 weight copies in NHWC, captured): the graphs replay what
+    the eager runner with the same options computes, to bf16 rounding (cuDNN may time and
+    pick other algorithms for the graphs), and stay near the float32 model. The global cuDNN
+    flags are as they were after the capture."""
+    gpu_model = DBAE(model.config).cuda().eval()
+    gpu_model.load_state_dict(model.state_dict())
+    setting = DecodeSetting(3)
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit)
+    eager = EagerRunner(gpu_model, setting, precision="bf16", channels_last=True)
+    graphed = CUDAGraphRunner(gpu_model, setting, precision="bf16", channels_last=True)
+    assert graphed.name == "cuda-graph-nhwc"
+    x = _images(3, seed=6).cuda()
+    got = graphed.reconstruct(x)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit) == flags
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, eager.reconstruct(x), rtol=0, atol=5e-2)
+    fp32 = EagerRunner(gpu_model, setting).reconstruct(x)
+    assert (got - fp32).abs().max() < 0.1
+    assert gpu_model.unet.out[2].weight.dtype == torch.float32  # the model itself is untouched
