@@ -24,6 +24,7 @@ from torch import nn
 
 from dbae.errors import ConfigError
 from dbae.model import DBAE
+from dbae.nn.unet import ScoreUNet
 
 from .runner import DecodeSetting, Runner
 
@@ -84,7 +85,9 @@ def inference_networks(
     """A view of ``model`` whose encoder, decoder and U-Net run as the runners run them.
 
     ``precision`` bf16 / fp16 (unless ``autocast``) or ``channels_last``: each network becomes a
-    :class:`CastNetwork` (a converted copy of its weights); otherwise the view shares the
+    :class:`CastNetwork` (a converted copy of its weights; the U-Net copy computes all its
+    blocks' embedding projections as one matmul, see
+    :meth:`dbae.nn.unet.ScoreUNet.fuse_emb_projections`); otherwise the view shares the
     model's parameters (nothing is copied, and fp16 / bf16 come from autocast around the call).
     ``compile``: each network runs through ``torch.compile(**compile_options)``. The bridge
     math and the sampler loop stay eager Python, so only the networks are traced (once per
@@ -98,6 +101,8 @@ def inference_networks(
         net = getattr(model, name)
         if cast:  # with autocast, a float32 copy in NHWC (autocast casts it per call)
             net = CastNetwork(net, torch.float32 if autocast else PRECISIONS[precision], channels_last)
+            if isinstance(net.net, ScoreUNet):  # a copy: its blocks' projections can become one matmul
+                net.net.fuse_emb_projections()
         if compile:
             net = torch.compile(net, **compile_options)
         setattr(view, name, net)

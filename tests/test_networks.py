@@ -201,3 +201,38 @@ def test_parameter_counts_ffhq128() -> None:
 
 def test_parameter_counts_celeba64() -> None:
     assert _sizes("celeba64")["total"] == pytest.approx(120e6, rel=0.15)
+
+
+def test_fused_emb_projections_compute_the_same_unet():
+    """ScoreUNet.fuse_emb_projections stacks the ResBlocks' scale-shift Linears into one: the
+    same outputs (float32, to GEMM blocking), one Linear instead of one per block, and the
+    per-block weights are gone from the state dict (held once)."""
+    import copy
+
+    from dbae.nn.layers import ResBlock
+
+    cfg = get_preset("tiny16").model
+    torch.manual_seed(0)
+    unet = ScoreUNet(cfg.unet, cfg.image_size, cfg.image_channels, cfg.z_dim).eval()
+    torch.nn.init.normal_(unet.out[2].weight, std=0.05)  # non-zero last convs: the projections matter
+    for block in unet.modules():
+        if isinstance(block, ResBlock):
+            torch.nn.init.normal_(block.out_conv.weight, std=0.05)
+    fused = copy.deepcopy(unet)
+    fused.fuse_emb_projections()
+    fused.fuse_emb_projections()  # a second call changes nothing
+    blocks = [m for m in fused.modules() if isinstance(m, ResBlock)]
+    widths = [2 * b.out_conv.out_channels for b in blocks]
+    assert fused.emb_proj_fused.out_features == sum(widths) and [b.emb_columns[1] - b.emb_columns[0] for b in blocks] == widths
+    assert not any("emb_proj." in k for k in fused.state_dict()) and any("emb_proj." in k for k in unet.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, x_T = torch.randn(3, 3, 16, 16, generator=g), torch.randn(3, 3, 16, 16, generator=g)
+    z, c = torch.randn(3, cfg.z_dim, generator=g), torch.randn(3, generator=g)
+    with torch.no_grad():
+        want = unet(x, c, x_T, z)
+        assert want.abs().max() > 1e-3
+        torch.testing.assert_close(fused(x, c, x_T, z), want, rtol=1e-5, atol=1e-5)
+        # the wrong columns would change the output: swap two blocks' slices
+        blocks[0].emb_columns, blocks[-1].emb_columns = blocks[-1].emb_columns, blocks[0].emb_columns
+        if widths[0] == widths[-1]:
+            assert (fused(x, c, x_T, z) - want).abs().max() > 1e-4

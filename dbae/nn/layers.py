@@ -88,10 +88,17 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        #: set by ScoreUNet.fuse_emb_projections: this block's columns of the projections of all
+        #: blocks, computed at once (``emb`` then holds them, and emb_proj is gone)
+        self.emb_columns: tuple[int, int] | None = None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_conv(self.resample(F.silu(self.in_norm(x))))
-        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        if self.emb_columns is None:
+            projected = self.emb_proj(emb)
+        else:
+            projected = emb[:, self.emb_columns[0] : self.emb_columns[1]]
+        scale, shift = projected[:, :, None, None].chunk(2, dim=1)
         h = self.out_norm(h) * (1 + scale) + shift
         h = self.out_conv(self.dropout(F.silu(h)))
         return self.skip(self.resample(x)) + h
