@@ -236,3 +236,24 @@ def test_fused_emb_projections_compute_the_same_unet():
         blocks[0].emb_columns, blocks[-1].emb_columns = blocks[-1].emb_columns, blocks[0].emb_columns
         if widths[0] == widths[-1]:
             assert (fused(x, c, x_T, z) - want).abs().max() > 1e-4
+
+
+def test_attention_reaches_the_fused_sdpa_kernels():
+    """q, k and v reach scaled_dot_product_attention with a unit-stride last dimension, which
+    the fused kernels (flash, memory-efficient) require: restricted to the flash kernel (the
+    CPU one here), the block runs and gives what the math path gives. With the transposed
+    views it had before, every call fell back to the math path (on CUDA, bf16 computed in
+    float32 with the L x L scores materialised)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    block = AttentionBlock(64, 16, num_groups=8).eval()
+    torch.nn.init.normal_(block.proj.weight, std=0.1)  # the output projection starts at zero
+    x = torch.randn(2, 64, 8, 8)
+    with torch.no_grad():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            fused = block(x)
+        with sdpa_kernel([SDPBackend.MATH]):
+            math = block(x)
+    assert (fused - x).abs().max() > 1e-3
+    torch.testing.assert_close(fused, math, rtol=1e-5, atol=1e-5)

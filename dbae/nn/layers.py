@@ -148,8 +148,11 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x).reshape(b, c, h * w))
-        # (B, 3 * C, L) -> (B, 3, heads, L, head_channels)
-        qkv = qkv.reshape(b, 3, self.num_heads, self.head_channels, h * w).transpose(-1, -2)
+        # (B, 3 * C, L) -> (B, 3, heads, L, head_channels), made contiguous: the fused attention
+        # kernels (flash, memory-efficient) take only inputs whose last dimension has stride 1;
+        # the transposed view would send every call to the math path (which, on CUDA, runs bf16
+        # and fp16 in float32 and materialises the L x L scores)
+        qkv = qkv.reshape(b, 3, self.num_heads, self.head_channels, h * w).transpose(-1, -2).contiguous()
         q, k, v = qkv.unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, head_channels)
         out = out.transpose(-1, -2).reshape(b, c, h * w)
