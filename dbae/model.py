@@ -80,7 +80,9 @@ def fused_sampling(device: torch.device, dtype: torch.dtype = torch.float32) -> 
     return dtype in (torch.float32, torch.float16, torch.bfloat16) and fused_step.backend(device) != "reference"
 
 
-def _per_sample(c: Tensor, like: Tensor) -> Tensor:
+def _per_sample(c: Tensor | float, like: Tensor) -> Tensor | float:
+    if isinstance(c, float):  # one time for the whole batch: a scalar operand, rounded to like's dtype
+        return c
     return c.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
@@ -137,12 +139,21 @@ class DBAE(nn.Module):
         return self._network(x_t, self._preconditioning(t, x_t), x_T, z)
 
     def _preconditioning(self, t: Tensor | float, x_t: Tensor) -> Preconditioning:
-        if not isinstance(t, Tensor) or t.dim() == 0:
-            t = torch.full((x_t.shape[0],), float(t), dtype=torch.float64, device=x_t.device)
+        """Per-sample coefficients for a tensor of times; for one time (a float, as the samplers
+        pass it), the same float64 math on the host, as Python floats: the device then sees
+        scalar operands instead of some thirty float64 kernels per step (which a CUDA graph
+        would replay on every evaluation)."""
+        if not isinstance(t, Tensor) or (t.dim() == 0 and t.device.type == "cpu"):
+            return Preconditioning(*map(float, self.bridge.preconditioning(float(t))))
+        if t.dim() == 0:
+            t = t.expand(x_t.shape[0])
         return self.bridge.preconditioning(t.to(torch.float64))
 
     def _network(self, x_t: Tensor, pre: Preconditioning, x_T: Tensor, z: Tensor) -> Tensor:
-        c_noise = pre.c_noise.to(device=x_t.device, dtype=torch.float32)
+        if isinstance(pre.c_noise, float):
+            c_noise = torch.full((x_t.shape[0],), pre.c_noise, dtype=torch.float32, device=x_t.device)
+        else:
+            c_noise = pre.c_noise.to(device=x_t.device, dtype=torch.float32)
         return self.unet(_per_sample(pre.c_in, x_t) * x_t, c_noise, x_T, z)
 
     # ----- training objective (SPEC 5) -----

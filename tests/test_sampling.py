@@ -395,3 +395,41 @@ def test_scalars_unknown_mode_raises_on_both_paths(monkeypatch, sampler):
     monkeypatch.setattr(_ext, "C", None)
     with pytest.raises(ValueError):
         sampler.scalars([0.5], "bogus")
+
+
+def test_one_time_preconditioning_is_host_scalars():
+    """The samplers pass one time per step as a float: the model then computes the
+    preconditioning once on the host (float64) and hands the device scalar operands, no
+    per-sample float64 tensors (which a CUDA graph would replay as some thirty kernels per
+    evaluation), with exactly the values of the per-sample tensor path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dbae.config import get_preset
+    from dbae.model import DBAE
+
+    class Float64PerSample(TorchDispatchMode):
+        def __init__(self, batch: int) -> None:
+            super().__init__()
+            self.batch, self.seen = batch, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor) and o.dtype == torch.float64 and o.dim() and o.shape[0] == self.batch:
+                    self.seen.append(str(func))
+            return out
+
+    torch.manual_seed(0)
+    model = DBAE(get_preset("tiny16").model).eval()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x)
+        x_T = model.endpoint(z)
+        per_sample = model.denoise(x, torch.full((3,), 0.37, dtype=torch.float64), x_T, z)
+        with Float64PerSample(3) as mode:
+            one_time = model.denoise(x, 0.37, x_T, z)
+        assert mode.seen == []
+        with Float64PerSample(3) as mode:
+            model.denoise(x, torch.full((3,), 0.37, dtype=torch.float64), x_T, z)
+        assert mode.seen  # the tensor path does its float64 math per sample (what the check detects)
+    assert torch.equal(one_time, per_sample)
