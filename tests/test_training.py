@@ -210,3 +210,27 @@ def test_signal_mid_run_checkpoints_and_resume_matches_uninterrupted(tmp_path, s
     b = all_tensors(split / "checkpoints" / "step-00000300.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_ema_update_is_the_per_tensor_lerp():
+    """The multi-tensor EMA update gives exactly ema + (1 - decay) (p - ema) per tensor, copies
+    the buffers, leaves the model alone, and refuses a model of another shape."""
+    from dbae.training.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 2))
+    ema = EMA(model, decay=0.9)
+    want = [p.detach().clone() for p in ema.module.parameters()]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model.train()(torch.randn(4, 5))  # moves the BatchNorm running statistics
+        before = [p.detach().clone() for p in model.parameters()]
+        ema.update(model)
+        want = [torch.lerp(w, p, 0.1) for w, p in zip(want, before)]
+        assert all(torch.equal(e, w) for e, w in zip(ema.module.parameters(), want))
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        assert all(torch.equal(e, b) for e, b in zip(ema.module.buffers(), model.buffers()))
+    with pytest.raises(ValueError, match="the EMA holds 6 parameters, the model 2"):
+        ema.update(torch.nn.Linear(5, 7))

@@ -19,8 +19,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for ema_p, p in zip(self.module.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        """One multi-tensor lerp over all parameters (a few launches on CUDA instead of one per
+        tensor: 564 in ffhq128's networks), the same values as ``ema_p.lerp_(p, 1 - decay)``."""
+        ema_params, params = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        if len(ema_params) != len(params):
+            raise ValueError(f"the EMA holds {len(ema_params)} parameters, the model {len(params)}")
+        if ema_params:
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
         for ema_b, b in zip(self.module.buffers(), model.buffers()):
             ema_b.copy_(b)
 
