@@ -122,6 +122,10 @@ class TrainConfig:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         check_positive_ints(self, ("batch_size", "steps", "log_every", "sample_every", "ckpt_every", "sample_nfe"))
+        if not (self.lr > 0.0):
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ConfigError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
         if not (0.0 <= self.ema_decay < 1.0):
             raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 

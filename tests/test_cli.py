@@ -129,3 +129,180 @@ def test_bad_sampler_arguments(capsys, trained_tiny, tmp_path):
     code, _, err = run(capsys, "reconstruct", "--ckpt", str(trained_tiny), "--dataset", "shapes",
                        "--nfe", "1", "--churn", "0.3", "--out", str(tmp_path / "x.png"))
     assert code == 2 and "nfe" in err
+
+
+# ---------------------------------------------------------------- user mistakes: exit 2, one message, no traceback
+
+
+def _refused(code: int, err: str, *messages: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    for message in messages:
+        assert message in err, err
+
+
+@pytest.mark.parametrize("command", [
+    ["encode", "--dataset", "shapes", "--n", "2", "--out", "z.npy"],
+    ["reconstruct", "--dataset", "shapes", "--n", "2", "--out", "r.png"],
+    ["eval", "recon", "--dataset", "shapes", "--n", "2", "--out", "ev"],
+])
+def test_batch_size_below_one_is_refused(capsys, trained_tiny, tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    head = command[:2] if command[0] == "eval" else command[:1]
+    code, _, err = run(capsys, *head, "--ckpt", str(trained_tiny), *command[len(head):], "--batch-size", "0")
+    _refused(code, err, "--batch-size must be at least 1, got 0")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_device_name_that_is_no_device_is_refused(capsys, trained_tiny, tmp_path):
+    code, _, err = run(capsys, "encode", "--ckpt", str(trained_tiny), "--dataset", "shapes", "--out",
+                       str(tmp_path / "z.npy"), "--device", "gpu")
+    _refused(code, err, "--device 'gpu' is not a device", "cpu or cuda")
+    code, _, err = run(capsys, "train", "--preset", "tiny16", "--steps", "1", "--batch-size", "4", "--out",
+                       str(tmp_path / "run"), "--no-progress", "--device", "gpu")
+    _refused(code, err, "--device 'gpu' is not a device")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "-1", "lr must be > 0, got -1.0"),
+    ("--lr", "0", "lr must be > 0, got 0.0"),
+    ("--num-workers", "-1", "num_workers must be an integer >= 0, got -1"),
+])
+def test_train_refuses_a_bad_learning_rate_or_worker_count(capsys, tmp_path, flag, value, message):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--preset", "tiny16", "--steps", "1", "--batch-size", "4", "--out", str(out),
+                       "--no-progress", flag, value)
+    _refused(code, err, message)
+    assert not out.exists()
+
+
+def _out_cases(ckpt: str) -> list[tuple[list[str], str]]:
+    """(argv with FILE for an existing file, expected message): commands whose --out is a folder."""
+    return [
+        (["train", "--preset", "tiny16", "--steps", "1", "--batch-size", "4", "--no-progress", "--out", "FILE"],
+         "--out FILE is an existing file, not a folder"),
+        (["train", "--method", "diffae", "--preset", "tiny16", "--steps", "1", "--batch-size", "4", "--no-progress",
+          "--out", "FILE"], "--out FILE is an existing file, not a folder"),
+        (["train-prior", "--ckpt", ckpt, "--no-progress", "--out", "FILE"], "--out FILE is an existing file"),
+        (["generate", "--ckpt", ckpt, "--n", "1", "--no-progress", "--out", "FILE"], "--out FILE is an existing file"),
+        (["eval", "recon", "--ckpt", ckpt, "--dataset", "shapes", "--n", "2", "--out", "FILE"],
+         "--out FILE is an existing file"),
+        (["export", "--ckpt", ckpt, "--steps", "1", "--out", "FILE/sub"], "FILE is a file, not a folder"),
+        (["bench", "latency", "--preset", "tiny16", "--out", "FILE"], "--out FILE is an existing file"),
+        (["encode", "--ckpt", ckpt, "--dataset", "shapes", "--out", "FILE/z.npy"], "FILE is a file, not a folder"),
+        (["reconstruct", "--ckpt", ckpt, "--dataset", "shapes", "--out", "FILE/r.png"], "FILE is a file, not a folder"),
+        (["infer-latents", "--ckpt", ckpt, "--n", "4", "--no-progress", "--out", "FILE/l.safetensors"],
+         "FILE is a file, not a folder"),
+        (["train-classifier", "--ckpt", ckpt, "--dataset", "shapes", "--out", "FILE/c.safetensors"],
+         "FILE is a file, not a folder"),
+    ]
+
+
+def test_an_out_path_blocked_by_an_existing_file_is_refused(capsys, trained_tiny, tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("my notes\n")
+    for argv, message in _out_cases(str(trained_tiny)):
+        argv = [a.replace("FILE", str(existing)) for a in argv]
+        code, _, err = run(capsys, *argv)
+        _refused(code, err, message.replace("FILE", str(existing)))
+        assert len(err.strip().splitlines()) == 1, err
+        assert existing.read_text() == "my notes\n", argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_folder_given_as_an_output_file_is_refused(capsys, trained_tiny, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    code, _, err = run(capsys, "reconstruct", "--ckpt", str(trained_tiny), "--dataset", "shapes", "--n", "2",
+                       "--nfe", "1", "--out", str(tmp_path / "r.png"), "--json", str(folder))
+    _refused(code, err, f"--json {folder} is a folder")
+    assert not (tmp_path / "r.png").exists()
+    for command in (["infer-latents", "--n", "4", "--no-progress"], ["train-classifier", "--dataset", "shapes"]):
+        code, _, err = run(capsys, command[0], "--ckpt", str(trained_tiny), *command[1:], "--out", str(folder))
+        _refused(code, err, "--out must end in .safetensors")
+    assert list(folder.iterdir()) == []
+
+
+def test_outputs_never_replace_a_checkpoint(capsys, trained_tiny, tmp_path):
+    from dbae.inference import resolve_checkpoint
+
+    ckpt = tmp_path / "precious.safetensors"
+    ckpt.write_bytes(resolve_checkpoint(trained_tiny).read_bytes())
+    before = ckpt.read_bytes()
+    for argv in (["encode", "--dataset", "shapes", "--n", "2"],
+                 ["infer-latents", "--n", "4", "--no-progress"],
+                 ["train-classifier", "--dataset", "shapes", "--n", "8", "--n-val", "4"]):
+        code, _, err = run(capsys, argv[0], "--ckpt", str(trained_tiny), *argv[1:], "--out", str(ckpt))
+        _refused(code, err, f"--out {ckpt} is a DBAE checkpoint; writing there would replace it")
+    assert ckpt.read_bytes() == before
+    # the same kind of file is replaced as before (a re-run)
+    z = tmp_path / "z.safetensors"
+    for _ in range(2):
+        code, _, err = run(capsys, "encode", "--ckpt", str(trained_tiny), "--dataset", "shapes", "--n", "2",
+                           "--out", str(z))
+        assert code == 0, err
+
+
+def test_train_classifier_out_must_be_safetensors(capsys, trained_tiny, tmp_path):
+    # --out c.json used to write the classifier there and then its JSON summary over it
+    out = tmp_path / "c.json"
+    code, _, err = run(capsys, "train-classifier", "--ckpt", str(trained_tiny), "--dataset", "shapes",
+                       "--n", "8", "--n-val", "4", "--out", str(out))
+    _refused(code, err, "--out must end in .safetensors, got 'c.json'")
+    assert not out.exists()
+
+
+def _fake_diffae_run(root):
+    from safetensors.torch import save_file
+
+    from dbae.baselines.train import FORMAT as DIFFAE_FORMAT
+
+    (root / "checkpoints").mkdir(parents=True)
+    save_file({"model.w": torch.zeros(1)}, str(root / "checkpoints" / "step-00000002.safetensors"),
+              metadata={"format": DIFFAE_FORMAT, "step": "2"})
+    return root
+
+
+@pytest.mark.parametrize("command", [
+    ["info"],
+    ["encode", "--dataset", "shapes", "--out", "z.npy"],
+    ["generate", "--n", "1", "--no-progress"],
+    ["interpolate", "--dataset", "shapes", "--n", "2"],
+    ["train-prior", "--no-progress"],
+    ["export", "--out", "onnx"],
+])
+def test_dbae_only_commands_say_that_a_diffae_run_is_not_dbae(capsys, tmp_path, monkeypatch, command):
+    run_dir = _fake_diffae_run(tmp_path / "diffae")
+    monkeypatch.chdir(tmp_path)
+    for ckpt in (run_dir, run_dir / "checkpoints" / "step-00000002.safetensors"):
+        code, _, err = run(capsys, command[0], "--ckpt", str(ckpt), *command[1:])
+        _refused(code, err, "is a DiffAE checkpoint, not a DBAE checkpoint")
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_run_directory_without_checkpoints(capsys, tmp_path):
+    code, _, err = run(capsys, "info", "--ckpt", str(tmp_path))
+    _refused(code, err, f"no checkpoint in {tmp_path}", "step-*.safetensors")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--C", "0", "--C (inverse regularisation strength) must be > 0, got 0.0"),
+    ("--C", "-1", "must be > 0, got -1.0"),
+    ("--ridge", "-1", "--ridge must be >= 0, got -1.0"),
+])
+def test_eval_probe_refuses_bad_regularisation(capsys, trained_tiny, tmp_path, flag, value, message):
+    code, _, err = run(capsys, "eval", "probe", "--ckpt", str(trained_tiny), "--n-train", "8", "--n-test", "4",
+                       "--out", str(tmp_path / "ev"), flag, value)
+    _refused(code, err, message)
+
+
+def test_other_kinds_names_every_file_format_of_the_package():
+    from dbae.apps.attributes import FORMAT as CLASSIFIER
+    from dbae.baselines.pdae_train import FORMAT as PDAE
+    from dbae.baselines.train import FORMAT as DIFFAE
+    from dbae.prior.checkpoint import FORMAT as PRIOR
+    from dbae.prior.latents import FORMAT as LATENTS
+    from dbae.training.checkpoint import OTHER_KINDS
+
+    assert set(OTHER_KINDS) == {DIFFAE, PDAE, PRIOR, LATENTS, CLASSIFIER}

@@ -401,6 +401,30 @@ def test_cli_build_lmdb_then_overwrite_rules(capsys, tmp_path):
     assert code == 2 and "is not an LMDB" in err and len(list(src.iterdir())) == N
 
 
+def test_cli_build_lmdb_overwrite_never_replaces_a_plain_file(capsys, tmp_path):
+    src = _noise_images(tmp_path / "src", n=2)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    code, _, err = run_cli(capsys, "data", "build-lmdb", str(src), str(notes), "--size", "8", "--overwrite",
+                           "--no-progress")
+    assert code == 2 and "is not an LMDB" in err and "Traceback" not in err
+    assert notes.read_text() == "my notes\n"
+    # an output under a file: one line, not a traceback
+    code, _, err = run_cli(capsys, "data", "build-lmdb", str(src), str(notes / "o.lmdb"), "--size", "8",
+                           "--no-progress")
+    assert code == 2 and f"{notes} is a file, not a folder" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "src"]
+    # a one-file LMDB (lmdb's subdir=False layout) is still replaced
+    lmdb = pytest.importorskip("lmdb")
+    single = tmp_path / "single.mdb"
+    env = lmdb.open(str(single), subdir=False, lock=False)
+    env.close()
+    code, _, err = run_cli(capsys, "data", "build-lmdb", str(src), str(single), "--size", "8", "--overwrite",
+                           "--no-progress")
+    assert code == 0, err
+    assert len(LMDBDataset(single, 8)) == 2
+
+
 def test_cli_build_lmdb_errors_are_one_line_and_leave_nothing(capsys, tmp_path):
     out = tmp_path / "o.lmdb"
     cases = [

@@ -15,6 +15,7 @@ from ..export.torch_runners import COMPILE_MODES
 from ..model import DBAE
 from ..sampling import SAMPLERS
 from ..training.trainer import resolve_device
+from .common import check_out_dir
 
 HELP = ("benchmarks: 'dbae bench latency' times encode, decode and edit per runner; 'dbae bench compare' times "
         "DBAE against DiffAE / PDAE (the paper's Table 5, and Table 2's tractable reconstruction)")
@@ -97,6 +98,7 @@ def _model(args: argparse.Namespace, device: torch.device) -> tuple[DBAE, str]:
 def run_latency(args: argparse.Namespace) -> int:
     from dbae.export import latency, registry
 
+    check_out_dir(args.out)
     for name, values, least in (("--steps", args.steps, 1), ("--batches", args.batches, 1)):
         if min(values) < least:
             raise ConfigError(f"{name} must be >= {least}, got {values}")
@@ -134,6 +136,7 @@ def run_latency(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     from ..baselines import compare
 
+    check_out_dir(args.out)
     if args.batch < 1 or args.runs < 1 or args.warmup < 0:
         raise ConfigError(f"--batch and --runs must be >= 1 and --warmup >= 0, got {args.batch}, {args.runs}, "
                           f"{args.warmup}")  # fmt: skip

@@ -12,6 +12,7 @@ from ..errors import DataError
 from ..imageio import load_images
 from ..inference import LoadedModel, load_model
 from ..sampling import SAMPLERS
+from ..training.checkpoint import FORMAT, OTHER_KINDS
 from ..training.trainer import resolve_device
 
 
@@ -52,6 +53,55 @@ def read_inputs(args: argparse.Namespace, image_size: int) -> torch.Tensor:
         raise DataError("--n must be at least 1")
     data = ShapesDataset(image_size=image_size, seed=args.seed, split="test")
     return torch.stack([data[i][0] for i in range(args.n)])
+
+
+def check_batch_size(args: argparse.Namespace) -> None:
+    """DataError unless ``--batch-size`` is at least 1."""
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+            return
+
+
+def check_out_dir(path: Path, flag: str = "--out") -> None:
+    """DataError, before any work, when the output folder ``path`` cannot be made: it is an
+    existing file, or lies under one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{flag} {path} is an existing file, not a folder; choose another {flag}")
+    _check_parents(path, flag)
+
+
+def check_out_file(
+    path: Path, flag: str = "--out", *, suffixes: tuple[str, ...] = (), writes: str | None = None
+) -> None:
+    """DataError, before any work, when the output file ``path`` cannot or must not be written:
+    a wrong suffix (``suffixes``, lower case), an existing folder, a file on the way, or an
+    existing file of the package of another kind than the one written (``writes``: its
+    ``format`` tag, None for untagged output), e.g. a checkpoint that would be lost."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise DataError(f"{flag} must end in {' or '.join(suffixes)}, got {path.name!r}")
+    if path.is_dir():
+        raise DataError(f"{flag} {path} is a folder; give the path of a file to write")
+    _check_parents(path, flag)
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                fmt = (fh.metadata() or {}).get("format")
+        except (SafetensorError, OSError, ValueError):  # not safetensors at all: nothing of ours to protect
+            return
+        if fmt is not None and fmt != writes:
+            what = {FORMAT: "a DBAE checkpoint", **OTHER_KINDS}.get(fmt, f"a {fmt!r} file")
+            raise DataError(f"{flag} {path} is {what}; writing there would replace it: choose another {flag}")
 
 
 def check_sampler_arguments(args: argparse.Namespace) -> None:

@@ -9,9 +9,15 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..errors import DataError
 from ..training.checkpoint import atomic_write
-from .common import add_checkpoint_arguments, add_input_arguments, open_model, read_inputs
+from .common import (
+    add_checkpoint_arguments,
+    add_input_arguments,
+    check_batch_size,
+    check_out_file,
+    open_model,
+    read_inputs,
+)
 
 HELP = "encode images to latent codes z (.npy or .safetensors)"
 
@@ -25,9 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_file(args.out, suffixes=(".npy", ".safetensors"))
+    check_batch_size(args)
     suffix = args.out.suffix.lower()
-    if suffix not in (".npy", ".safetensors"):
-        raise DataError(f"--out must end in .npy or .safetensors, got {args.out.name!r}")
     loaded = open_model(args)
     model = loaded.model
     device = next(model.parameters()).device

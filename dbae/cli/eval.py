@@ -51,6 +51,8 @@ from .common import (
     add_checkpoint_arguments,
     add_input_arguments,
     add_sampler_arguments,
+    check_batch_size,
+    check_out_dir,
     check_sampler_arguments,
     read_inputs,
 )
@@ -156,6 +158,7 @@ def _dbae_recon(args: argparse.Namespace, model: Any, x: torch.Tensor) -> tuple[
 
 
 def run_recon(args: argparse.Namespace) -> int:
+    check_batch_size(args)
     loaded = eval_baselines.open_checkpoint(args)
     eval_baselines.check_recon_options(args, loaded)
     baseline = not isinstance(loaded, LoadedModel)
@@ -184,6 +187,10 @@ def run_recon(args: argparse.Namespace) -> int:
 
 
 def run_probe(args: argparse.Namespace) -> int:
+    if not args.C > 0:
+        raise DataError(f"--C (inverse regularisation strength) must be > 0, got {args.C}")
+    if not args.ridge >= 0:
+        raise DataError(f"--ridge must be >= 0, got {args.ridge}")
     loaded = eval_baselines.open_checkpoint(args)
     z_tr, y_tr, z_te, y_te, source = labelled_latents(args, loaded, binarise=False)
     report: dict[str, Any] = {**_header(loaded), "data": source, "n_train": int(z_tr.shape[0]),
@@ -287,6 +294,7 @@ def _folder(path: Path, n: int, resize: bool, loaded: LoadedModel | None, like: 
 
 
 def run_fid(args: argparse.Namespace) -> int:
+    check_batch_size(args)
     loaded = eval_baselines.open_checkpoint(args) if args.ckpt else None
     eval_baselines.check_recon_options(args, loaded)
     if isinstance(loaded, LoadedModel) or loaded is None:
@@ -367,5 +375,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(args.out)  # made by write_report, so that a failed evaluation leaves no empty folder
     return args.eval_run(args)

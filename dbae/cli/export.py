@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..sampling import SAMPLERS
+from .common import check_out_dir
 
 HELP = "export a checkpoint to ONNX (encoder, decoder, denoiser, unrolled K-step decode) or TensorRT"
 
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..export.runner import DecodeSetting
     from ..inference import load_model, resolve_checkpoint
 
+    check_out_dir(args.out)
     settings = [DecodeSetting(k, args.sampler) for k in dict.fromkeys(args.steps)]  # ConfigError for K outside 1..10
     require_onnx()
     if args.format == "trt":

@@ -15,7 +15,14 @@ from ..prior.checkpoint import default_prior_dir, load_prior
 from ..prior.generate import check_prior_fits, generate
 from ..prior.identity import AutoencoderRef
 from ..training.checkpoint import atomic_write, atomic_write_text
-from .common import add_checkpoint_arguments, add_sampler_arguments, check_sampler_arguments, open_model
+from .common import (
+    add_checkpoint_arguments,
+    add_sampler_arguments,
+    check_batch_size,
+    check_out_dir,
+    check_sampler_arguments,
+    open_model,
+)
 
 HELP = "generate images: z from the latent prior (DDIM), x_T = Dec(z), then the bridge ODE/SDE"
 GRID_COLUMNS = 8
@@ -48,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     check_sampler_arguments(args)
     if args.n < 1:
         raise DataError(f"--n must be at least 1, got {args.n}")
+    check_batch_size(args)
+    check_out_dir(args.out)
     loaded = open_model(args)
     model = loaded.model
     device = next(model.parameters()).device

@@ -10,8 +10,9 @@ import torch
 from ..data import build_dataset
 from ..errors import DataError
 from ..prior.identity import AutoencoderRef
+from ..prior.latents import FORMAT as LATENTS_FORMAT
 from ..prior.latents import LatentInfo, LatentSet, default_latents_path, infer_latents, save_latents
-from .common import add_checkpoint_arguments, open_model
+from .common import add_checkpoint_arguments, check_batch_size, check_out_file, open_model
 
 HELP = "encode a dataset to latents z and store them with per-dimension statistics (for train-prior)"
 
@@ -32,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_batch_size(args)
+    if args.out is not None:
+        check_out_file(args.out, suffixes=(".safetensors",), writes=LATENTS_FORMAT)
     loaded = open_model(args)
     model = loaded.model
     train_cfg = loaded.preset.train

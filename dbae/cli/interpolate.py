@@ -14,7 +14,14 @@ from ..data import ShapesDataset
 from ..errors import DataError
 from ..imageio import load_images, save_grid
 from ..training.checkpoint import atomic_write_text
-from .common import add_checkpoint_arguments, add_sampler_arguments, check_sampler_arguments, open_model
+from .common import (
+    add_checkpoint_arguments,
+    add_sampler_arguments,
+    check_batch_size,
+    check_out_file,
+    check_sampler_arguments,
+    open_model,
+)
 
 HELP = "interpolate between pairs of images in z (rows: endpoints x_T and decoded images); no inversion"
 
@@ -58,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_sampler_arguments(args)
-    if args.batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_batch_size(args)
+    check_out_file(args.out)
     if args.steps < 2:
         raise DataError(f"--steps must be at least 2 (both ends), got {args.steps}")
     if args.zoom < 1:

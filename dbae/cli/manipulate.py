@@ -14,7 +14,14 @@ from ..apps.manipulate import MODE_TITLES, MODES, manipulate
 from ..errors import DataError
 from ..imageio import save_grid
 from ..training.checkpoint import atomic_write_text
-from .common import add_checkpoint_arguments, add_sampler_arguments, check_sampler_arguments, open_model
+from .common import (
+    add_checkpoint_arguments,
+    add_sampler_arguments,
+    check_batch_size,
+    check_out_file,
+    check_sampler_arguments,
+    open_model,
+)
 from .interpolate import add_image_arguments, read_images
 
 HELP = "edit images along an attribute direction at several scales (endpoint+condition and condition-only)"
@@ -36,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_sampler_arguments(args)
-    if args.batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_batch_size(args)
+    check_out_file(args.out)
     if args.zoom < 1:
         raise DataError(f"--zoom must be at least 1, got {args.zoom}")
     clf = load_classifier(args.classifier)

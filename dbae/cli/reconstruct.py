@@ -20,6 +20,8 @@ from .common import (
     add_checkpoint_arguments,
     add_input_arguments,
     add_sampler_arguments,
+    check_batch_size,
+    check_out_file,
     check_sampler_arguments,
     read_inputs,
 )
@@ -38,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_file(args.out)
+    if args.json is not None:
+        check_out_file(args.json, "--json")
+    check_batch_size(args)
     loaded = eval_baselines.open_checkpoint(args)
     eval_baselines.check_recon_options(args, loaded)
     if isinstance(loaded, LoadedBaseline):

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from ..baselines.runs import check_run_method
 from ..config import PRESETS, get_preset
-from ..errors import ConfigError, DBAEError
+from ..errors import DBAEError
 from ..training import TrainOptions, override, train
 from ..training.distributed import all_ranks, env_rank, session
 from . import train_baselines
+from .common import check_out_dir
 
 HELP = "train a DBAE model (or, with --method, the DiffAE / PDAE baseline)"
 
@@ -95,8 +96,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     out = args.out or Path("runs") / preset.name
     try:
+        check_out_dir(out)
         check_run_method(out, "dbae")
-    except ConfigError as exc:
+    except DBAEError as exc:
         raise all_ranks(exc) from None
     with session(args.device) as dist:
         result = train(

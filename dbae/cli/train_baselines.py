@@ -21,6 +21,7 @@ from ..baselines.pdae_config import pdae_preset
 from ..baselines.runs import RunOptions, RunResult, run_diffae, run_pdae
 from ..errors import ConfigError
 from ..training.distributed import all_ranks
+from .common import check_out_dir
 
 METHODS = ("dbae", "diffae", "pdae")
 
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     check_method_options(args)
     check_single_process(args.method)
     out = args.out or Path("runs") / f"{args.preset}-{args.method}"
+    check_out_dir(out)
     options = RunOptions(out=out, dataset=args.dataset or "shapes", resume=args.resume is not None,
                          device=args.device, progress=not args.no_progress)  # fmt: skip
     if args.method == "diffae":

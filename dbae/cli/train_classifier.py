@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..apps.attributes import FORMAT as CLASSIFIER_FORMAT
 from ..apps.attributes import (
     BINARY,
     AttributeLabels,
@@ -25,7 +26,7 @@ from ..apps.attributes import (
 )
 from ..errors import DataError
 from ..training.checkpoint import atomic_write_text
-from .common import add_checkpoint_arguments, open_model
+from .common import add_checkpoint_arguments, check_batch_size, check_out_file, open_model
 
 HELP = "train linear attribute classifiers on normalized z (shapes factors or a CelebA-style attribute file)"
 
@@ -51,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_out_file(args.out, suffixes=(".safetensors",), writes=CLASSIFIER_FORMAT)
+    check_batch_size(args)
     if args.l2 < 0:
         raise DataError(f"--l2 must be >= 0, got {args.l2}")
     loaded = open_model(args)

@@ -11,6 +11,7 @@ from ..prior.identity import check_same_autoencoder, identify_checkpoint
 from ..prior.latents import default_latents_path, load_latents
 from ..prior.train import train_prior
 from ..training.trainer import resolve_device
+from .common import check_out_dir
 
 HELP = "train the latent prior (MLP-skip latent DDIM) on the latents from infer-latents"
 
@@ -32,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_out_dir(args.out)
     ref = identify_checkpoint(args.ckpt, ema=not args.raw_weights)
     ckpt = Path(ref.path)
     latents_path = args.latents or default_latents_path(ckpt)

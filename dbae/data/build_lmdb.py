@@ -130,10 +130,24 @@ def _source_names(src: Path) -> tuple[list[str], bool]:
     return [p.relative_to(src).as_posix() for p in find_images(src)], False
 
 
+#: the magic number of an LMDB meta page (little-endian uint32), 16 bytes (12 on 32-bit builds) into the file
+_LMDB_MAGIC = (0xBEEFC0DE).to_bytes(4, "little")
+
+
+def _is_lmdb_file(path: Path) -> bool:
+    """Whether ``path`` is an LMDB data file (its first meta page carries LMDB's magic number)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+    except OSError:
+        return False
+    return _LMDB_MAGIC in (head[16:20], head[12:16])
+
+
 def _replaceable(out: Path) -> bool:
     """Whether an existing ``out`` looks like an LMDB that --overwrite may delete."""
     if out.is_file():
-        return True
+        return _is_lmdb_file(out)
     if out.is_dir():
         entries = {p.name for p in out.iterdir()}
         return "data.mdb" in entries and entries <= {"data.mdb", "lock.mdb"}
@@ -169,8 +183,13 @@ def build_lmdb(
         if not overwrite:
             raise DataError(f"{out} already exists; pass --overwrite to replace it")
         if not _replaceable(out):
-            raise DataError(f"{out} exists and is not an LMDB (a directory holding only data.mdb, or one file); "
-                            "refusing to replace it")
+            raise DataError(f"{out} exists and is not an LMDB (a directory holding only data.mdb, or one LMDB "
+                            "file); refusing to replace it")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{out}: {parent} is a file, not a folder; choose another output path")
+            break
     if not src.exists():
         raise DataError(f"{src}: no such directory")
     names, is_zip = _source_names(src)

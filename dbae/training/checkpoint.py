@@ -32,6 +32,15 @@ from ..config import Preset, dumps, preset_from_dict
 from ..errors import CheckpointError, ConfigError
 
 FORMAT = "dbae-checkpoint/1"
+#: the package's other safetensors files (their ``format`` tag; the constants live in modules that import this
+#: one), named in the message when one is given where a DBAE checkpoint is expected
+OTHER_KINDS = {
+    "dbae-diffae-checkpoint/1": "a DiffAE checkpoint",
+    "dbae-pdae-checkpoint/1": "a PDAE checkpoint",
+    "dbae-prior/1": "a latent prior (from `dbae train-prior`)",
+    "dbae-latents/1": "a latent set (from `dbae infer-latents`)",
+    "dbae-attribute-classifier/1": "an attribute classifier (from `dbae train-classifier`)",
+}
 _NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
 
 
@@ -221,8 +230,12 @@ def read_metadata(path: Path) -> dict[str, str]:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a dbae checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+    fmt = meta.get("format")
+    if fmt in OTHER_KINDS:
+        raise CheckpointError(f"{path} is {OTHER_KINDS[fmt]}, not a DBAE checkpoint; this needs a DBAE checkpoint "
+                              "(written by `dbae train`) or its run directory")
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path} is not a dbae checkpoint (format {fmt!r}, expected {FORMAT!r})")
     return meta
 
 
