@@ -80,7 +80,10 @@ def test_train_command_end_to_end(capsys, tmp_path):
     code, _, err = run(capsys, *argv)
     assert code == 2 and "--resume" in err and "Traceback" not in err
     code, stdout, _ = run(capsys, *argv[:4], "4", *argv[5:], "--resume")
-    assert code == 0 and "step 4" in stdout
+    assert code == 0 and "step 4" in stdout and "note: --precision" not in stdout
+    # mixed precision is a CUDA feature: on the CPU the run says it trains in fp32
+    code, stdout, _ = run(capsys, *argv[:4], "5", *argv[5:], "--resume", "--precision", "bf16")
+    assert code == 0 and "note: --precision bf16 is mixed precision on CUDA; on cpu this run trains in fp32" in stdout
 
 
 def _bad_images(tmp_path):

@@ -312,6 +312,7 @@ def test_cli_export_from_a_checkpoint(capsys, checkpoint, tmp_path):
     (["--steps", "0"], "steps must be an integer from 1 to 10"),
     (["--steps", "11"], "steps must be an integer from 1 to 10"),
     (["--opset", "13"], "--opset must be >= 17"),
+    (["--max-batch", "0"], "--max-batch must be >= 1"),  # checked for every format, not only trt
 ])  # fmt: skip
 def test_cli_bad_arguments_give_one_line(capsys, checkpoint, tmp_path, argv, message):
     code, _, err = _run(capsys, "export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "o"), *argv)

@@ -40,13 +40,13 @@ def run(args: argparse.Namespace) -> int:
 
     check_out_dir(args.out)
     settings = [DecodeSetting(k, args.sampler) for k in dict.fromkeys(args.steps)]  # ConfigError for K outside 1..10
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
     require_onnx()
     if args.format == "trt":
         from ..export.tensorrt_runner import require_tensorrt
 
         require_tensorrt()  # before any work: one line saying what to install
-        if args.max_batch < 1:
-            raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
     path = resolve_checkpoint(args.ckpt)
     loaded = load_model(path, ema=not args.raw_weights, device="cpu")
     info = checkpoint_info(loaded.path, loaded.step, ema=not args.raw_weights)

@@ -185,6 +185,9 @@ class Trainer:
         self.micro_batch = cfg.batch_size // (self.dist.world_size * options.grad_accum)
         self.keeper = CheckpointKeeper(self.ckpt_dir, options.keep_last, self.log)
         self.amp_dtype = AMP_DTYPES.get(cfg.precision) if self.device.type == "cuda" else None
+        if cfg.precision != "fp32" and self.amp_dtype is None:
+            self.log(f"note: --precision {cfg.precision} is mixed precision on CUDA; on {self.device.type} this "
+                     "run trains in fp32")
 
         torch.manual_seed(cfg.seed)  # the initial weights are part of what the seed fixes
         self.model = DBAE(preset.model).to(self.device)
