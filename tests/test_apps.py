@@ -34,7 +34,7 @@ from dbae.apps.measure import measure_shapes
 from dbae.cli.main import main
 from dbae.data.shapes import ShapesDataset, factor_index, render
 from dbae.errors import CheckpointError, DataError
-from dbae.inference import load_model
+from dbae.inference import load_model, resolve_checkpoint
 
 #: "most" test images: at least this fraction must behave (measured: 100% for both)
 MOST = 0.8
@@ -271,6 +271,16 @@ def test_cli_attribute_file_classifier_then_manipulate(capsys, trained_shapes, t
     assert height == 2 + 4 * 18 and width > 4 * 18
     both = report["mean_score"]["both"]
     assert both["-1.0"] < both["1.0"]
+    # the classifier knows whose latents it was trained on: another checkpoint, or the other
+    # weights of the same one, is refused (its directions would mean nothing there)
+    code, _, err = run(capsys, "manipulate", image, "--ckpt", trained_shapes, "--raw-weights",
+                       "--classifier", clf_path, "--attr", "Bright_Background", "--out", grid)
+    assert code == 2 and "was made with the ema weights" in err and "drop --raw-weights" in err
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(resolve_checkpoint(trained_shapes).read_bytes()[:-1] + b" ")  # same header, other bytes
+    code, _, err = run(capsys, "manipulate", image, "--ckpt", other, "--classifier", clf_path,
+                       "--attr", "Bright_Background", "--out", grid)
+    assert code == 2 and "belongs to another autoencoder" in err and "dbae train-classifier" in err
 
     # user mistakes: clear messages, exit code 2, no traceback
     code, _, err = run(capsys, "manipulate", image, "--ckpt", trained_shapes, "--classifier", clf_path,

@@ -34,6 +34,7 @@ from ..data.shapes import FACTORS, ShapesDataset, render
 from ..errors import CheckpointError, ConfigError, DataError
 from ..imageio import load_images
 from ..model import DBAE
+from ..prior.identity import AutoencoderRef, check_same_autoencoder
 from ..training.checkpoint import atomic_write, read_tagged_safetensors
 
 Tensor = torch.Tensor
@@ -187,6 +188,9 @@ class AttributeClassifier:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     #: where the latents came from: checkpoint path and step, data description
     source: dict[str, object] = field(default_factory=dict)
+    #: the autoencoder whose latents it was trained on (sha256 of its checkpoint and which weights);
+    #: None for classifiers fitted in Python without one, or written before it was recorded
+    autoencoder: AutoencoderRef | None = None
 
     @property
     def z_dim(self) -> int:
@@ -216,10 +220,16 @@ class AttributeClassifier:
         value = self.target_mean.to(z.device) + self.target_std.to(z.device) * raw
         return torch.where(binary, torch.sigmoid(raw), value)
 
-    def check_model(self, model: DBAE) -> None:
+    def check_model(self, model: DBAE, autoencoder: AutoencoderRef | None = None, source: Path | None = None) -> None:
+        """ConfigError unless ``model``'s latents have this classifier's width; with
+        ``autoencoder`` (the identity of the checkpoint the model came from), CheckpointError
+        unless the classifier was trained on that checkpoint's latents (when it recorded one)."""
         if model.config.z_dim != self.z_dim:
             raise ConfigError(f"the classifier was trained on {self.z_dim}-dimensional latents but this model's "
                               f"z has {model.config.z_dim}; train a classifier for this checkpoint")
+        if autoencoder is not None and self.autoencoder is not None:
+            check_same_autoencoder(self.autoencoder, autoencoder, "the classifier", source or Path("(in memory)"),
+                                   remedy="Train a classifier for this checkpoint (dbae train-classifier)")
 
 
 def fit_classifier(
@@ -334,6 +344,8 @@ def save_classifier(path: Path, clf: AttributeClassifier) -> Path:
         "metrics": json.dumps(clf.metrics),
         "source": json.dumps(clf.source),
     }
+    if clf.autoencoder is not None:
+        metadata["autoencoder"] = json.dumps(clf.autoencoder.to_dict())
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
@@ -352,6 +364,7 @@ def load_classifier(path: Path) -> AttributeClassifier:
             names, kinds, tensors["weight"], tensors["bias"], tensors["z_mean"], tensors["z_std"],
             tensors["target_mean"], tensors["target_std"], json.loads(meta.get("metrics", "{}")),
             json.loads(meta.get("source", "{}")),
+            AutoencoderRef.from_dict(json.loads(meta["autoencoder"]), path) if "autoencoder" in meta else None,
         )
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{path} has unreadable contents ({exc})") from None

@@ -13,6 +13,7 @@ from ..apps.grids import enlarge
 from ..apps.manipulate import MODE_TITLES, MODES, manipulate
 from ..errors import DataError
 from ..imageio import save_grid
+from ..prior.identity import AutoencoderRef
 from ..training.checkpoint import atomic_write_text
 from .common import (
     add_checkpoint_arguments,
@@ -51,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     clf.index(args.attr)  # an unknown name fails before the model is loaded
     loaded = open_model(args)
     model = loaded.model
-    clf.check_model(model)
+    ref = AutoencoderRef.of(loaded.path, ema=not args.raw_weights, step=loaded.step, preset=loaded.preset.name,
+                            z_dim=model.config.z_dim)  # fmt: skip
+    clf.check_model(model, ref, args.classifier)
     device = next(model.parameters()).device
     x = read_images(args, model.config.image_size).to(device)
     scales = sorted({0.0, *args.scale})  # s = 0 (the plain reconstruction) is always shown

@@ -25,6 +25,7 @@ from ..apps.attributes import (
     shapes_labels,
 )
 from ..errors import DataError
+from ..prior.identity import AutoencoderRef
 from ..training.checkpoint import atomic_write_text
 from .common import add_checkpoint_arguments, check_batch_size, check_out_file, open_model
 
@@ -96,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         labels, labels_val = labels.select(args.attrs), labels_val.select(args.attrs)
     clf = fit_classifier(z, labels, z_val=z_val, labels_val=labels_val, l2=args.l2)
     clf.source = {"checkpoint": str(loaded.path), "step": loaded.step, **source}
+    clf.autoencoder = AutoencoderRef.of(loaded.path, ema=not args.raw_weights, step=loaded.step,
+                                        preset=loaded.preset.name, z_dim=model.config.z_dim)  # fmt: skip
     save_classifier(args.out, clf)
     summary = {"names": list(clf.names), "kinds": list(clf.kinds), "metrics": clf.metrics, "source": clf.source}
     json_path = args.out.with_suffix(".json")

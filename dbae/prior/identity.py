@@ -80,15 +80,18 @@ def identify_checkpoint(path: str | Path, *, ema: bool = True) -> AutoencoderRef
     return AutoencoderRef.of(path, ema=ema, step=step, preset=preset.name, z_dim=preset.model.z_dim)
 
 
-def check_same_autoencoder(recorded: AutoencoderRef, actual: AutoencoderRef, what: str, source: Path) -> None:
+def check_same_autoencoder(
+    recorded: AutoencoderRef, actual: AutoencoderRef, what: str, source: Path,
+    remedy: str = "Infer latents and train a prior for this checkpoint",
+) -> None:  # fmt: skip
     """Raise :class:`CheckpointError` unless ``what`` (read from ``source``) was made by
-    the autoencoder ``actual`` with the same weights."""
+    the autoencoder ``actual`` with the same weights (``remedy``: what to do otherwise)."""
     if recorded.sha256 != actual.sha256:
         raise CheckpointError(
             f"{what} {source} belongs to another autoencoder: it was made from {recorded.path} "
             f"(step {recorded.step}, sha256 {recorded.sha256[:12]}...), but the checkpoint given is "
             f"{actual.path} (step {actual.step}, sha256 {actual.sha256[:12]}...). "
-            "Infer latents and train a prior for this checkpoint, or pass the matching one"
+            f"{remedy}, or pass the matching one"
         )
     if recorded.weights != actual.weights:
         raise CheckpointError(
