@@ -324,7 +324,8 @@ class Trainer:
         stats = self.dist.all_reduce_sum(stats)
         parts = self.dist.world_size * accum
         logs = {k: stats[i] / parts for i, k in enumerate(sums)}
-        if float(stats[-2]) > 0:
+        nonfinite_count, stop_count = stats[-2:].tolist()  # the step's one wait for the device: both flags at once
+        if nonfinite_count > 0:
             raise all_ranks(TrainingDiverged(
                 f"the loss became {float(logs['loss'])} at step {self.step + 1}; stopped without saving this step. "
                 f"The last good checkpoint in {self.ckpt_dir} is kept; lower the learning rate or use fp32"
@@ -335,7 +336,7 @@ class Trainer:
         self.scaler.update()
         self.ema.update(self.model)
         self.step += 1
-        return {**logs, "grad_norm": grad_norm.detach()}, bool(stats[-1] > 0)
+        return {**logs, "grad_norm": grad_norm.detach()}, stop_count > 0
 
     # ----- evaluation -----
     @torch.no_grad()
