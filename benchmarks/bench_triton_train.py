@@ -15,6 +15,9 @@ Ops and what each side computes (N values per image tensor, e bytes per value):
     input_bwd   grad x_in -> grad x_T (x_t unused, x0 data)     2 N e
     loss_fwd    (F, x0, x_T) -> loss; the composite reads x_t   3 N e
     loss_bwd    -> grads of F and x_T (the composite: F, x_t)   5 N e
+    noise       () -> eps, float32 (float32 rows only)          4 N
+                (a diagnostic: the Philox and Box-Muller work alone, against torch.randn;
+                when it takes longer than a copy of its bytes, the noise bounds the ops)
 
 The composite materialises eps with torch.randn and keeps x_t for the loss, as
 DBAE.loss does; the fused ops make eps in-kernel and regenerate x_t from the seed.
@@ -128,7 +131,7 @@ def bench_size(
     """One row per op and launch config: the fused op's times, and (measured once) those of
     the eager composite and the compiled composite."""
     from dbae.bridge import VPBridge
-    from dbae.kernels import bridge_input, bridge_loss, bridge_table
+    from dbae.kernels import bridge_input, bridge_loss, bridge_noise, bridge_table
     from dbae.kernels import table as col
     from dbae.kernels.bridge_train import launched_with
 
@@ -178,6 +181,10 @@ def bench_size(
             "loss_fwd": loss_fwd,
             "loss_bwd": lambda: torch.autograd.grad(loss, loss_inputs, retain_graph=True),
         }
+        if dtype == torch.float32:  # the noise alone (float32 whatever the images' dtype)
+            randn = torch.Generator(device=device).manual_seed(seed)
+            calls["noise"] = ((lambda: bridge_noise(shape, seed, device)) if kind == "fused"
+                              else (lambda: torch.randn(shape, generator=randn, device=device)))  # fmt: skip
         times[label] = {op: bench(call) for op, call in calls.items()}
         gpu[label] = {op: gpu_time(call) for op, call in calls.items()}
 
@@ -187,6 +194,8 @@ def bench_size(
         with launched_with(config):
             measure("fused", config)
     moved = {"input_fwd": 4 * n_bytes, "input_bwd": 2 * n_bytes, "loss_fwd": 3 * n_bytes, "loss_bwd": 5 * n_bytes}
+    if dtype == torch.float32:
+        moved["noise"] = 4 * batch * CHANNELS * side * side
     same_size_copy = {op: same_size_copy_ms(bytes_moved) if device == "cuda" else None for op, bytes_moved in moved.items()}
     rows = []
     for config in configs:
