@@ -284,6 +284,13 @@ def test_dbae_only_commands_say_that_a_diffae_run_is_not_dbae(capsys, tmp_path, 
         assert len(err.strip().splitlines()) == 1, err
 
 
+def test_bench_compare_says_which_flag_takes_a_baseline_checkpoint(capsys, tmp_path):
+    run_dir = _fake_diffae_run(tmp_path / "diffae")
+    code, _, err = run(capsys, "bench", "compare", "--ckpt", str(run_dir), "--methods", "dbae",
+                       "--out", str(tmp_path / "cmp"))  # fmt: skip
+    _refused(code, err, "is a DiffAE checkpoint", "(to compare it, pass it as --diffae-ckpt)")
+
+
 def test_a_run_directory_without_checkpoints(capsys, tmp_path):
     code, _, err = run(capsys, "info", "--ckpt", str(tmp_path))
     _refused(code, err, f"no checkpoint in {tmp_path}", "step-*.safetensors")

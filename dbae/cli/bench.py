@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import PRESETS, get_preset
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..export.torch_runners import COMPILE_MODES
 from ..model import DBAE
 from ..sampling import SAMPLERS
@@ -163,7 +163,14 @@ def run_compare(args: argparse.Namespace) -> int:
         if ckpts.get(name):
             if spec.load is None:
                 raise ConfigError(f"{name} offers no checkpoint loader")
-            adapters[name] = spec.load(ckpts[name], device, sampler=args.sampler)
+            try:
+                adapters[name] = spec.load(ckpts[name], device, sampler=args.sampler)
+            except CheckpointError as exc:  # a checkpoint of another method: say which flag takes it
+                flags = {"DBAE": "--ckpt", "DiffAE": "--diffae-ckpt", "PDAE": "--pdae-ckpt"}
+                hint = next((flag for label, flag in flags.items() if f"is a {label} checkpoint" in str(exc)), None)
+                if hint is None:
+                    raise
+                raise CheckpointError(f"{exc} (to compare it, pass it as {hint})") from None
         else:
             adapters[name] = spec.build(args.preset, device, sampler=args.sampler)
     shapes = {(a.image_channels, a.image_size) for a in adapters.values()}
