@@ -390,6 +390,9 @@ def test_cli_infer_train_generate(run_copy: Path, tmp_path: Path, capsys) -> Non
     assert "dbae infer-latents" in capsys.readouterr().err
     assert main(["generate", "--ckpt", str(run), "--out", str(tmp_path / "g0"), "--no-progress"]) == 2
     assert "no prior" in capsys.readouterr().err
+    # a bad prior step count is refused before any work (the model is not even loaded)
+    assert main(["generate", "--ckpt", str(tmp_path / "nowhere"), "--prior-steps", "0", "--out", str(tmp_path / "g0")]) == 2
+    assert "--prior-steps must be at least 1" in capsys.readouterr().err
 
     assert main(["infer-latents", "--ckpt", str(run), "--n", "300", "--device", "cpu", "--no-progress"]) == 0
     lat = default_latents_path(Path(ck))

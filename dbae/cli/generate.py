@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise DataError(f"--n must be at least 1, got {args.n}")
     check_batch_size(args)
+    if args.prior_steps < 1 or args.prior_eta < 0:  # the upper bound is the prior's (checked when it is loaded)
+        raise DataError(f"--prior-steps must be at least 1 and --prior-eta >= 0, got {args.prior_steps} and "
+                        f"{args.prior_eta}")  # fmt: skip
     check_out_dir(args.out)
     loaded = open_model(args)
     model = loaded.model
