@@ -316,3 +316,25 @@ def test_other_kinds_names_every_file_format_of_the_package():
     from dbae.training.checkpoint import OTHER_KINDS
 
     assert set(OTHER_KINDS) == {DIFFAE, PDAE, PRIOR, LATENTS, CLASSIFIER}
+
+
+@pytest.mark.parametrize("command", [
+    ["reconstruct", "--dataset", "shapes", "--n", "2", "--nfe", "2"],
+    ["interpolate", "--dataset", "shapes", "--n", "2", "--steps", "3", "--nfe", "2"],
+])  # fmt: skip
+def test_a_report_never_replaces_a_file_it_did_not_write(capsys, trained_tiny, tmp_path, command):
+    """The JSON report goes next to --out without being named: it may replace an earlier report
+    of the same command (a re-run), never anything else (here a training run's eval.json)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "eval.json").write_text('{"mse": 0.01}\n')
+    argv = [command[0], "--ckpt", str(trained_tiny), *command[1:], "--out", str(run_dir / "eval.png")]
+    code, _, err = run(capsys, *argv)
+    _refused(code, err, "eval.json exists and is not a report of `dbae " + command[0] + "`", "choose another --out")
+    assert (run_dir / "eval.json").read_text() == '{"mse": 0.01}\n' and not (run_dir / "eval.png").exists()
+    out = tmp_path / "grid.png"
+    argv[-1] = str(out)
+    for _ in range(2):  # the second run replaces the first one's report
+        code, _, err = run(capsys, *argv)
+        assert code == 0, err
+    assert json.loads(out.with_suffix(".json").read_text())["dbae_command"] == command[0]

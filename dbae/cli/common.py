@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from ..errors import DataError
 from ..imageio import load_images
 from ..inference import LoadedModel, load_model
 from ..sampling import SAMPLERS
-from ..training.checkpoint import FORMAT, OTHER_KINDS
+from ..training.checkpoint import FORMAT, OTHER_KINDS, atomic_write_text
 from ..training.trainer import resolve_device
 
 
@@ -102,6 +103,32 @@ def check_out_file(
         if fmt is not None and fmt != writes:
             what = {FORMAT: "a DBAE checkpoint", **OTHER_KINDS}.get(fmt, f"a {fmt!r} file")
             raise DataError(f"{flag} {path} is {what}; writing there would replace it: choose another {flag}")
+
+
+#: the key that names the command in the JSON reports written next to an output
+REPORT_COMMAND = "dbae_command"
+
+
+def report_path(out: Path, command: str) -> Path:
+    """The JSON report that ``command`` writes next to its output ``out`` (``out`` with the
+    suffix .json). The user did not name it, so it must not replace anything but an earlier
+    report of the same command: DataError, before any work, if it exists and is not one
+    (a run's eval.json, say, when --out is run/eval.png)."""
+    path = Path(out).with_suffix(".json")
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None
+        if not (isinstance(data, dict) and data.get(REPORT_COMMAND) == command):
+            raise DataError(f"{path} exists and is not a report of `dbae {command}`: the report written next to "
+                            f"{out} would replace it; choose another --out")  # fmt: skip
+    return path
+
+
+def write_report(path: Path, command: str, report: dict) -> None:
+    """Write ``report`` (atomically) as the JSON report of ``command``, tagged with it."""
+    atomic_write_text(path, json.dumps({REPORT_COMMAND: command, **report}, indent=2) + "\n")
 
 
 def check_sampler_arguments(args: argparse.Namespace) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -13,7 +12,6 @@ from ..apps.interpolate import interpolate
 from ..data import ShapesDataset
 from ..errors import DataError
 from ..imageio import load_images, save_grid
-from ..training.checkpoint import atomic_write_text
 from .common import (
     add_checkpoint_arguments,
     add_sampler_arguments,
@@ -21,6 +19,8 @@ from .common import (
     check_out_file,
     check_sampler_arguments,
     open_model,
+    report_path,
+    write_report,
 )
 
 HELP = "interpolate between pairs of images in z (rows: endpoints x_T and decoded images); no inversion"
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     check_sampler_arguments(args)
     check_batch_size(args)
     check_out_file(args.out)
+    report_path(args.out, "interpolate")
     if args.steps < 2:
         raise DataError(f"--steps must be at least 2 (both ends), got {args.steps}")
     if args.zoom < 1:
@@ -92,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         "lambdas": res.lambdas.tolist(), "nfe": res.nfe, "sampler": args.sampler, "churn": args.churn,
         "inputs": [str(pth) for pth in args.images] if args.images else f"shapes test items 0..{args.n - 1}",
     }
-    json_path = args.out.with_suffix(".json")
-    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+    json_path = report_path(args.out, "interpolate")
+    write_report(json_path, "interpolate", report)
     print(f"{res.images.shape[0]} interpolation(s) of {args.steps} images, {res.nfe} NFE each ({args.sampler})")
     print(f"grid: {args.out}  report: {json_path}")
     return 0

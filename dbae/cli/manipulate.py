@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -14,7 +13,6 @@ from ..apps.manipulate import MODE_TITLES, MODES, manipulate
 from ..errors import DataError
 from ..imageio import save_grid
 from ..prior.identity import AutoencoderRef
-from ..training.checkpoint import atomic_write_text
 from .common import (
     add_checkpoint_arguments,
     add_sampler_arguments,
@@ -22,6 +20,8 @@ from .common import (
     check_out_file,
     check_sampler_arguments,
     open_model,
+    report_path,
+    write_report,
 )
 from .interpolate import add_image_arguments, read_images
 
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     check_sampler_arguments(args)
     check_batch_size(args)
     check_out_file(args.out)
+    report_path(args.out, "manipulate")
     if args.zoom < 1:
         raise DataError(f"--zoom must be at least 1, got {args.zoom}")
     clf = load_classifier(args.classifier)
@@ -77,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         "mean_score": {mode: {str(s): float(res.scores[mode][i].mean()) for i, s in enumerate(scales)}
                        for mode in modes},
     }
-    json_path = args.out.with_suffix(".json")
-    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+    json_path = report_path(args.out, "manipulate")
+    write_report(json_path, "manipulate", report)
     what = "probability" if clf.kinds[col] == "binary" else "value"
     print(f"{x.shape[0]} image(s), attribute {args.attr!r}, {res.nfe} NFE ({args.sampler}); "
           f"classifier {what} of the re-encoded results, mean over images:")

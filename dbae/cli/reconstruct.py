@@ -6,7 +6,6 @@ or a random one (``--x-T``, ``--inversion-steps``, ``--decode-steps``)."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -14,7 +13,6 @@ import torch
 from ..baselines.checkpoints import LoadedBaseline
 from ..imageio import save_grid
 from ..metrics import summarize
-from ..training.checkpoint import atomic_write_text
 from . import eval_baselines
 from .common import (
     add_checkpoint_arguments,
@@ -24,6 +22,8 @@ from .common import (
     check_out_file,
     check_sampler_arguments,
     read_inputs,
+    report_path,
+    write_report,
 )
 
 HELP = "reconstruct images; write a PNG grid and MSE/PSNR/SSIM"
@@ -42,7 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_out_file(args.out)
     if args.json is not None:
-        check_out_file(args.json, "--json")
+        check_out_file(args.json, "--json")  # named by the user: theirs to replace
+    else:
+        report_path(args.out, "reconstruct")
     check_batch_size(args)
     loaded = eval_baselines.open_checkpoint(args)
     eval_baselines.check_recon_options(args, loaded)
@@ -78,8 +80,8 @@ def _run_baseline(args: argparse.Namespace, loaded: LoadedBaseline) -> int:
 def _report(args: argparse.Namespace, loaded, x: torch.Tensor, recon: torch.Tensor, how: dict, what: str) -> int:
     stats = summarize((recon + 1) / 2, (x + 1) / 2)
     report = {"checkpoint": str(loaded.path), "step": loaded.step, "images": x.shape[0], **how, **stats}
-    json_path = args.json or args.out.with_suffix(".json")
-    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+    json_path = args.json or report_path(args.out, "reconstruct")
+    write_report(json_path, "reconstruct", report)
     print(f"{x.shape[0]} images, {what}: MSE {stats['mse']:.5f}  PSNR {stats['psnr']:.2f} dB  SSIM {stats['ssim']:.4f}")
     print(f"grid: {args.out}  metrics: {json_path}")
     return 0

@@ -7,7 +7,6 @@ attribute file next to an image folder (``--attr-file list_attr_celeba.txt --ima
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -26,8 +25,7 @@ from ..apps.attributes import (
 )
 from ..errors import DataError
 from ..prior.identity import AutoencoderRef
-from ..training.checkpoint import atomic_write_text
-from .common import add_checkpoint_arguments, check_batch_size, check_out_file, open_model
+from .common import add_checkpoint_arguments, check_batch_size, check_out_file, open_model, report_path, write_report
 
 HELP = "train linear attribute classifiers on normalized z (shapes factors or a CelebA-style attribute file)"
 
@@ -54,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_out_file(args.out, suffixes=(".safetensors",), writes=CLASSIFIER_FORMAT)
+    report_path(args.out, "train-classifier")
     check_batch_size(args)
     if args.l2 < 0:
         raise DataError(f"--l2 must be >= 0, got {args.l2}")
@@ -101,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
                                         preset=loaded.preset.name, z_dim=model.config.z_dim)  # fmt: skip
     save_classifier(args.out, clf)
     summary = {"names": list(clf.names), "kinds": list(clf.kinds), "metrics": clf.metrics, "source": clf.source}
-    json_path = args.out.with_suffix(".json")
-    atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
+    json_path = report_path(args.out, "train-classifier")
+    write_report(json_path, "train-classifier", summary)
     print(f"{len(clf.names)} attribute(s) on {clf.z_dim}-d normalized z, {len(z)} training images; "
           f"held-out ({len(z_val)} images):")
     for name, kind in zip(clf.names, clf.kinds):
