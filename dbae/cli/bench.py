@@ -133,8 +133,20 @@ def run_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_of(path: str) -> str | None:
+    """The method of checkpoint file or run directory ``path`` from its format tag (None when
+    that cannot be read: the method's loader then says what is wrong)."""
+    from ..baselines.checkpoints import checkpoint_method, run_method
+
+    try:
+        return run_method(Path(path)) if Path(path).is_dir() else checkpoint_method(path)
+    except CheckpointError:
+        return None
+
+
 def run_compare(args: argparse.Namespace) -> int:
     from ..baselines import compare
+    from ..baselines.checkpoints import LABELS
 
     check_out_dir(args.out)
     if args.batch < 1 or args.runs < 1 or args.warmup < 0:
@@ -146,10 +158,15 @@ def run_compare(args: argparse.Namespace) -> int:
     for note in notes:
         print(note, flush=True)
     ckpts = {"dbae": args.ckpt, "diffae": args.diffae_ckpt, "pdae": args.pdae_ckpt}
+    flags = {name: "--ckpt" if name == "dbae" else f"--{name}-ckpt" for name in ckpts}
     for name, path in ckpts.items():
         if path and name not in names:
-            flag = "--ckpt" if name == "dbae" else f"--{name}-ckpt"
-            raise ConfigError(f"{flag} was given but {name} is not among the compared methods")
+            raise ConfigError(f"{flags[name]} was given but {name} is not among the compared methods")
+        if path:  # a checkpoint of another method: say which flag takes it (unreadable ones: the loader says why)
+            given = _method_of(path)
+            if given is not None and given != name:
+                raise CheckpointError(f"{path} is a {LABELS[given]} checkpoint, not a {LABELS[name]} one (to compare "
+                                      f"it, pass it as {flags[given]})")  # fmt: skip
     if not names:
         raise ConfigError("no method left to compare")
     if args.preset is None and any(not ckpts.get(n) for n in names):
@@ -163,14 +180,7 @@ def run_compare(args: argparse.Namespace) -> int:
         if ckpts.get(name):
             if spec.load is None:
                 raise ConfigError(f"{name} offers no checkpoint loader")
-            try:
-                adapters[name] = spec.load(ckpts[name], device, sampler=args.sampler)
-            except CheckpointError as exc:  # a checkpoint of another method: say which flag takes it
-                flags = {"DBAE": "--ckpt", "DiffAE": "--diffae-ckpt", "PDAE": "--pdae-ckpt"}
-                hint = next((flag for label, flag in flags.items() if f"is a {label} checkpoint" in str(exc)), None)
-                if hint is None:
-                    raise
-                raise CheckpointError(f"{exc} (to compare it, pass it as {hint})") from None
+            adapters[name] = spec.load(ckpts[name], device, sampler=args.sampler)
         else:
             adapters[name] = spec.build(args.preset, device, sampler=args.sampler)
     shapes = {(a.image_channels, a.image_size) for a in adapters.values()}
