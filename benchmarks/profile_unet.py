@@ -105,9 +105,6 @@ def profile(args: argparse.Namespace) -> dict:
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         unet = model.unet
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    if args.cudnn_benchmark and torch.backends.cudnn.benchmark_limit is not None:
-        torch.backends.cudnn.benchmark_limit = 0  # every algorithm, as the CUDA-graph runners do
     if args.freeze:  # inductor folds the (inference) weights into constants
         import torch._inductor.config as inductor_config
 
@@ -224,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--freeze and --compile-mode need --compile")
     if args.batch < 1 or args.iters < 1 or args.warmup < 0:
         parser.error("--batch and --iters must be >= 1, --warmup >= 0")
-    result = profile(args)
+    from dbae.export.torch_runners import cudnn_benchmark
+
+    # --cudnn-benchmark: cuDNN times all its algorithms, as the CUDA-graph runners let it
+    with cudnn_benchmark() if args.cudnn_benchmark else contextlib.nullcontext():
+        result = profile(args)
     print_report(result, args.top)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

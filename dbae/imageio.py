@@ -32,6 +32,15 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _WHITE = (255, 255, 255, 255)
 
 
+def file_in_the_way(path: PathLike) -> Path | None:
+    """The file that stops ``path`` from being made: its nearest existing ancestor, when that
+    is a file rather than a folder (None when the folders can be made)."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def check_image_size(image_size: int) -> int:
     """Return ``image_size`` if it is a positive int, else raise DataError."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:

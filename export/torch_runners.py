@@ -184,7 +184,7 @@ class EagerRunner(Runner):
 
 
 @contextlib.contextmanager
-def _cudnn_benchmark():
+def cudnn_benchmark():
     """cuDNN times every algorithm it has for each new convolution shape (benchmark_limit 0:
     all of them, not the first 10 of its heuristics) and keeps the fastest; both global
     settings are restored on exit."""
@@ -210,12 +210,12 @@ class _Captured:
         side.wait_stream(torch.cuda.current_stream())
         # the shapes are fixed from here on, so let cuDNN time its algorithms once (warm-up) and
         # the graph keep the fastest; the global flag is restored afterwards
-        with _cudnn_benchmark(), torch.cuda.stream(side):  # off the capture: lazy inits, cuBLAS handles, autotuning
+        with cudnn_benchmark(), torch.cuda.stream(side):  # off the capture: lazy inits, cuBLAS handles, autotuning
             for _ in range(warmup):
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with _cudnn_benchmark(), torch.cuda.graph(self.graph):
+        with cudnn_benchmark(), torch.cuda.graph(self.graph):
             self.output = fn(*self.inputs)
 
     def __call__(self, *inputs: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from ..data import ShapesDataset
 from ..errors import DataError
-from ..imageio import load_images
+from ..imageio import file_in_the_way, load_images
 from ..inference import LoadedModel, load_model
 from ..sampling import SAMPLERS
 from ..training.checkpoint import FORMAT, OTHER_KINDS, atomic_write_text
@@ -63,11 +63,9 @@ def check_batch_size(args: argparse.Namespace) -> None:
 
 
 def _check_parents(path: Path, flag: str) -> None:
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DataError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
-            return
+    blocking = file_in_the_way(path)
+    if blocking is not None:
+        raise DataError(f"{flag} {path}: {blocking} is a file, not a folder; choose another {flag}")
 
 
 def check_out_dir(path: Path, flag: str = "--out") -> None:

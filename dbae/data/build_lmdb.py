@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError
-from ..imageio import PathLike, check_image_size, decode_rgb, find_images, open_rgb, resize_square
+from ..imageio import PathLike, check_image_size, decode_rgb, file_in_the_way, find_images, open_rgb, resize_square
 from .lmdb_dataset import INDEX_KEY, LENGTH_KEY, NAMES_KEY, import_lmdb
 from .zip_dataset import open_zip, zip_image_names
 
@@ -185,11 +185,9 @@ def build_lmdb(
         if not _replaceable(out):
             raise DataError(f"{out} exists and is not an LMDB (a directory holding only data.mdb, or one LMDB "
                             "file); refusing to replace it")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DataError(f"{out}: {parent} is a file, not a folder; choose another output path")
-            break
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise DataError(f"{out}: {blocking} is a file, not a folder; choose another output path")
     if not src.exists():
         raise DataError(f"{src}: no such directory")
     names, is_zip = _source_names(src)
