@@ -1,6 +1,6 @@
 """The manifest of an ONNX export folder (``manifest.json``): what each graph file holds.
 
-An export folder holds, per precision (``fp32``, ``fp16``), the graphs
+An export folder holds, per precision (``fp32``, ``fp16``, ``bf16``), the graphs
 
     encoder.<precision>.onnx                  images (B, C, H, W) -> z (B, z_dim), the encoder mean
     endpoint.<precision>.onnx                 z -> x_T = Dec(z)
@@ -27,12 +27,15 @@ from dbae.errors import ConfigError
 
 FORMAT = "dbae-onnx-export/1"
 MANIFEST_NAME = "manifest.json"
-#: precisions the exporter writes; fp16 runs the networks in float16 with float32 inputs/outputs
-PRECISIONS = ("fp32", "fp16")
+#: precisions the exporter writes; fp16 and bf16 run the networks in that type with float32 inputs/outputs
+PRECISIONS = ("fp32", "fp16", "bf16")
+#: the first ONNX opset whose convolutions take bfloat16 (opset 22); ONNX Runtime's CPU provider has none
+BF16_MIN_OPSET = 22
 PRECISION_NOTE = (
     "fp32: everything in float32. fp16: network weights and activations in float16; graph inputs and "
     "outputs stay float32 and the sampler state, drift and preconditioning stay float32 (float64 for the "
-    "denoiser graph's preconditioning from t)."
+    "denoiser graph's preconditioning from t). bf16: as fp16 in bfloat16 (opset 22 or later; for TensorRT, "
+    "which builds its engines strongly typed from these graphs)."
 )
 
 

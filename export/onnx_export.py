@@ -33,6 +33,7 @@ from dbae.model import DBAE
 
 from .manifest import (
     MANIFEST_NAME,
+    BF16_MIN_OPSET,
     PRECISIONS,
     CheckpointInfo,
     GraphInfo,
@@ -54,7 +55,12 @@ EXPORTERS = ("torchscript", "dynamo")
 GRAPH_KINDS = ("encoder", "endpoint", "denoiser", "decode")
 #: batch size of the example inputs that the graphs are traced with (not 1: no size-1 specialisation)
 TRACE_BATCH = 2
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_opset(precisions: Sequence[str]) -> int:
+    """The opset an export uses unless told: 17, or 22 when it holds bf16 graphs."""
+    return BF16_MIN_OPSET if "bf16" in precisions else DEFAULT_OPSET
 
 
 def require_onnx():
@@ -75,7 +81,7 @@ def export_onnx(
     kinds: Sequence[str] = GRAPH_KINDS,
     preset: str = "custom",
     checkpoint: CheckpointInfo | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     exporter: str = "torchscript",
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
@@ -83,11 +89,13 @@ def export_onnx(
     """Write the ONNX graphs of ``model`` and their manifest into ``out_dir``.
 
     ``kinds`` picks the graphs (a ``decode`` graph per setting in ``settings``), each at
-    every precision in ``precisions``. The model itself is not modified (the fp16 graphs
-    are traced from a float16 copy on the CPU). ``out_dir`` must not exist, or be empty, or
-    ``overwrite`` must be set (it is then replaced only once the new export is complete).
+    every precision in ``precisions``. The model itself is not modified (the fp16 and bf16
+    graphs are traced from a float16 / bfloat16 copy on the CPU). ``opset`` None takes
+    :func:`default_opset`; bf16 graphs need 22 or later. ``out_dir`` must not exist, or be
+    empty, or ``overwrite`` must be set (it is then replaced only once the new export is complete).
     """
     onnx = require_onnx()
+    opset = default_opset(precisions) if opset is None else opset
     _check_arguments(settings, precisions, kinds, opset, exporter)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -145,6 +153,11 @@ def _check_arguments(
         raise ConfigError("the decode graph needs at least one decode setting (steps and sampler)")
     if opset < MIN_OPSET:
         raise ConfigError(f"--opset must be >= {MIN_OPSET}, got {opset}")
+    if "bf16" in precisions and opset < BF16_MIN_OPSET:
+        raise ConfigError(
+            f"bf16 graphs need --opset {BF16_MIN_OPSET} or later (ONNX convolutions take bfloat16 from opset "
+            f"{BF16_MIN_OPSET}), got {opset}"
+        )
     if exporter not in EXPORTERS:
         raise ConfigError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
 

@@ -9,7 +9,9 @@ Providers: ``"cpu"`` feeds NumPy views of CPU tensors. ``"cuda"`` (the ``onnxrun
 build) binds torch CUDA tensors by ``data_ptr`` through an IO binding, inputs and a
 preallocated output alike, so nothing is copied through the host: the current torch stream
 is synchronised before a run (ONNX Runtime works on its own stream) and ONNX Runtime
-synchronises its stream before ``run_with_iobinding`` returns.
+synchronises its stream before ``run_with_iobinding`` returns. ``io_binding=True`` runs the
+CPU provider through the same binding code (torch CPU tensors bound by pointer), which is
+how the tests check that path without a GPU.
 """
 
 from __future__ import annotations
@@ -61,6 +63,17 @@ def check_provider(provider: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def check_precision(precision: str) -> None:
+    """ConfigError unless ONNX Runtime can run an export's graphs at ``precision`` (fp32, fp16)."""
+    if precision == "bf16":
+        raise ConfigError(
+            "ONNX Runtime has no bfloat16 convolutions: its runners run fp32 or fp16 graphs "
+            "(bf16 graphs run in the tensorrt runner)"
+        )
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(f"the ONNX Runtime runners run fp32 or fp16 graphs, not {precision!r}")
+
+
 def resolve_setting(manifest: Manifest, precision: str, setting: DecodeSetting | None) -> DecodeSetting:
     """``setting``, or the export's only decode setting at ``precision`` when it is None."""
     if setting is not None:
@@ -77,7 +90,7 @@ class _Session:
     """One graph's inference session, run on CPU arrays or bound to CUDA tensors."""
 
     def __init__(self, ort: Any, path: Path, graph: GraphInfo, provider: str, device: torch.device,
-                 options: Any) -> None:  # fmt: skip
+                 options: Any, io_binding: bool) -> None:  # fmt: skip
         if len(graph.inputs) != 1 or len(graph.outputs) != 1:
             raise ConfigError(f"{graph.file}: a runner graph must have one input and one output")
         self.graph, self.device = graph, device
@@ -92,22 +105,25 @@ class _Session:
                 f"ONNX Runtime could not start its {PROVIDERS[provider]} for {graph.file} (it fell back to "
                 f"{self.session.get_providers()[0]}); check the CUDA and cuDNN libraries onnxruntime-gpu needs"
             )
-        self.binding = self.session.io_binding() if provider == "cuda" else None
+        self.binding = self.session.io_binding() if io_binding else None
 
     def __call__(self, x: Tensor, out_shape: tuple[int, ...]) -> Tensor:
         if self.binding is None:
             (out,) = self.session.run([self.output], {self.input: x.detach().numpy()})
             return torch.from_numpy(out)
-        index = self.device.index or 0
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.device != self.device:
+            raise ValueError(f"bound inputs must be contiguous float32 on {self.device}")  # the runner ensures it
+        device_type, index = self.device.type, self.device.index or 0
         out = torch.empty(out_shape, dtype=torch.float32, device=self.device)
         b = self.binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
-        b.bind_input(name=self.input, device_type="cuda", device_id=index, element_type=np.float32,
+        b.bind_input(name=self.input, device_type=device_type, device_id=index, element_type=np.float32,
                      shape=tuple(x.shape), buffer_ptr=x.data_ptr())  # fmt: skip
-        b.bind_output(name=self.output, device_type="cuda", device_id=index, element_type=np.float32,
+        b.bind_output(name=self.output, device_type=device_type, device_id=index, element_type=np.float32,
                       shape=out_shape, buffer_ptr=out.data_ptr())  # fmt: skip
-        torch.cuda.current_stream(self.device).synchronize()  # torch's writes to x are done
+        if device_type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # torch's writes to x are done
         self.session.run_with_iobinding(b)
         return out
 
@@ -117,7 +133,8 @@ class OnnxRuntimeRunner(Runner):
 
     ``setting`` picks the decode graph (None: the export's only one at ``precision``);
     ``model_config``, when given, must be the configuration the export was made from;
-    ``threads`` sets ONNX Runtime's intra-op threads (None: its default).
+    ``threads`` sets ONNX Runtime's intra-op threads (None: its default); ``io_binding``
+    binds torch tensors by pointer (always with ``"cuda"``; None: only there).
     """
 
     def __init__(
@@ -129,9 +146,13 @@ class OnnxRuntimeRunner(Runner):
         *,
         model_config: ModelConfig | None = None,
         threads: int | None = None,
+        io_binding: bool | None = None,
     ) -> None:
         ort = require_onnxruntime()
         device = check_provider(provider)
+        check_precision(precision)
+        if io_binding is None or provider == "cuda":
+            io_binding = provider == "cuda"  # CUDA tensors reach ONNX Runtime only through a binding
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir)
         if model_config is not None:
@@ -152,8 +173,8 @@ class OnnxRuntimeRunner(Runner):
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self._encoder = _Session(ort, export_dir / encoder.file, encoder, provider, device, options)
-        self._decoder = _Session(ort, export_dir / decoder.file, decoder, provider, device, options)
+        self._encoder = _Session(ort, export_dir / encoder.file, encoder, provider, device, options, io_binding)
+        self._decoder = _Session(ort, export_dir / decoder.file, decoder, provider, device, options, io_binding)
 
     def _encode(self, images: Tensor) -> Tensor:
         return self._encoder(images, (images.shape[0], self.z_dim))

@@ -59,13 +59,11 @@ def _onnx_export(model: DBAE, setting: DecodeSetting, precision: str, folder: Pa
 def _onnxruntime(provider: str) -> Callable[[DBAE, str], RunnerFactory]:
     def make(model: DBAE, precision: str) -> RunnerFactory:
         from .onnx_export import require_onnx
-        from .onnxruntime_runner import OnnxRuntimeRunner, check_provider
+        from .onnxruntime_runner import OnnxRuntimeRunner, check_precision, check_provider
 
         require_onnx()
         check_provider(provider)
-        if precision not in ("fp32", "fp16"):
-            raise ConfigError(f"the ONNX Runtime runners run fp32 or fp16 graphs, not {precision}: "
-                              "pass --precision fp32 or --precision fp16")  # fmt: skip
+        check_precision(precision)
 
         def factory(setting: DecodeSetting) -> Runner:
             with tempfile.TemporaryDirectory(prefix="dbae-onnx-") as tmp:
@@ -92,7 +90,7 @@ def _tensorrt(model: DBAE, precision: str) -> RunnerFactory:
 
     def factory(setting: DecodeSetting) -> Runner:
         with tempfile.TemporaryDirectory(prefix="dbae-onnx-") as tmp:
-            export = _onnx_export(model, setting, "fp32", Path(tmp))
+            export = _onnx_export(model, setting, precision, Path(tmp))
             return TensorRTRunner(export, precision, setting, cache_dir=tensorrt_cache_dir())
 
     return factory
@@ -117,7 +115,7 @@ def _importable(module: str) -> bool:
 def default_kinds(device: torch.device) -> list[str]:
     """What ``dbae bench latency`` compares when no runner is named: on the CPU, ONNX Runtime
     too where onnx and onnxruntime import (not on CUDA, where the bench's default precision,
-    bf16, has no ONNX graphs; name ``onnxruntime-cuda`` with --precision fp16 or fp32)."""
+    bf16, has no ONNX Runtime kernels; name ``onnxruntime-cuda`` with --precision fp16 or fp32)."""
     if device.type == "cuda":
         return ["eager", "cuda-graph"]
     return ["eager", "onnxruntime"] if _importable("onnx") and _importable("onnxruntime") else ["eager"]

@@ -1,14 +1,17 @@
-"""TensorRT runner: engines built from an export's fp32 ONNX graphs, run on the torch CUDA stream.
+"""TensorRT runner: engines built from an export's ONNX graphs, run on the torch CUDA stream.
 
-Written against TensorRT 10's Python API. :func:`build_engine` parses an ONNX graph, adds
-one optimization profile for batch 1..``max_batch`` (optimised for ``opt_batch``), sets the
-FP16 or BF16 builder flag for reduced precision (TensorRT picks per-layer precisions; graph
-inputs and outputs stay float32), reuses and updates a timing cache file, and returns the
-serialized engine. :class:`TensorRTRunner` keeps the serialized engines in a cache folder
-(by default ``<export>/tensorrt``), named by the source graph's sha256, precision, profile
-and TensorRT version, so an engine is built once; it runs them with
-``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` on the current torch
-CUDA stream, reading and writing torch tensors in place.
+Written against the Python API of TensorRT 10 and 11. Engines are strongly typed: each
+precision's engine is built from the export's graph of that precision (``fp32``, ``fp16``,
+``bf16``: networks in that type, sampler state and graph inputs/outputs float32), so the
+types are the graph's own and TensorRT converts nothing. That is the only mode TensorRT 11
+has (it removed the weak-typing FP16/BF16 builder flags; 10.x deprecated them in 10.12).
+:func:`build_engine` parses an ONNX graph into a strongly typed network, adds one
+optimization profile for batch 1..``max_batch`` (optimised for ``opt_batch``), reuses and
+updates a timing cache file, and returns the serialized engine. :class:`TensorRTRunner`
+keeps the serialized engines in a cache folder (by default ``<export>/tensorrt``), named by
+the source graph (its file and sha256), profile and TensorRT version, so an engine is built
+once; it runs them with ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``
+on the current torch CUDA stream, reading and writing torch tensors in place.
 
 ``tensorrt`` is imported only when an engine is built or run; without it
 :func:`require_tensorrt` raises ConfigError saying what to install.
@@ -26,13 +29,13 @@ from dbae.config import ModelConfig
 from dbae.errors import ConfigError, DataError
 from dbae.training.checkpoint import atomic_write
 
-from .manifest import GraphInfo, read_manifest
+from .manifest import PRECISIONS, GraphInfo, read_manifest
 from .onnxruntime_runner import resolve_setting
 from .runner import DecodeSetting, Runner
 
 Tensor = torch.Tensor
 
-TRT_PRECISIONS = ("fp32", "fp16", "bf16")
+TRT_PRECISIONS = PRECISIONS  # one engine precision per graph precision of an export
 INSTALL_HINT = "pip install tensorrt (NVIDIA's wheels, see https://pypi.nvidia.com), on a machine with a CUDA GPU"
 TIMING_CACHE = "timing.cache"
 
@@ -55,25 +58,30 @@ def _logger(trt: Any) -> Any:
     return trt.Logger(trt.Logger.WARNING)
 
 
+def strongly_typed_flags(trt: Any) -> int:
+    """``create_network`` flags of a strongly typed network: the STRONGLY_TYPED bit where the
+    enum has it (TensorRT 10; 11 keeps it, ignored, as every network is strongly typed)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
 def build_engine(
     onnx_path: Path,
     *,
-    precision: str = "fp16",
     max_batch: int = 64,
     opt_batch: int | None = None,
     timing_cache: Path | None = None,
     workspace_bytes: int | None = None,
 ) -> bytes:
-    """The serialized TensorRT engine of an ONNX graph whose inputs have a dynamic batch axis."""
+    """The serialized, strongly typed TensorRT engine of an ONNX graph whose inputs have a
+    dynamic batch axis (the graph's own types decide every layer's precision)."""
     trt = require_tensorrt()
-    if precision not in TRT_PRECISIONS:
-        raise ConfigError(f"TensorRT precision must be one of {', '.join(TRT_PRECISIONS)}, got {precision!r}")
     opt_batch = max_batch if opt_batch is None else opt_batch
     if not (1 <= opt_batch <= max_batch):
         raise ConfigError(f"need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, max_batch={max_batch}")
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
+    network = builder.create_network(strongly_typed_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -87,10 +95,6 @@ def build_engine(
         rest = tuple(tensor.shape)[1:]
         profile.set_shape(tensor.name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
     config.add_optimization_profile(profile)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
     cached = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     config.set_timing_cache(config.create_timing_cache(cached), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
@@ -102,20 +106,20 @@ def build_engine(
     return bytes(memoryview(serialized))
 
 
-def engine_name(graph: GraphInfo, precision: str, opt_batch: int, max_batch: int, trt_version: str) -> str:
-    key = graph.file.removesuffix(".onnx").removesuffix(f".{graph.precision}")
-    return f"{key}.{precision}.b{opt_batch}-{max_batch}.{graph.sha256[:12]}.trt{trt_version}.engine"
+def engine_name(graph: GraphInfo, opt_batch: int, max_batch: int, trt_version: str) -> str:
+    """``<graph file stem>.b<opt>-<max>.<graph sha256[:12]>.trt<version>.engine`` (the stem names
+    the graph and its precision, e.g. ``decode-euler-k10.fp16``)."""
+    stem = graph.file.removesuffix(".onnx")
+    return f"{stem}.b{opt_batch}-{max_batch}.{graph.sha256[:12]}.trt{trt_version}.engine"
 
 
-def cached_engine(
-    export_dir: Path, graph: GraphInfo, cache_dir: Path, *, precision: str, max_batch: int, opt_batch: int
-) -> bytes:
+def cached_engine(export_dir: Path, graph: GraphInfo, cache_dir: Path, *, max_batch: int, opt_batch: int) -> bytes:
     """The serialized engine of ``graph``: read from ``cache_dir``, or built and saved there."""
     trt = require_tensorrt()
-    path = cache_dir / engine_name(graph, precision, opt_batch, max_batch, trt.__version__)
+    path = cache_dir / engine_name(graph, opt_batch, max_batch, trt.__version__)
     if path.is_file():
         return path.read_bytes()
-    data = build_engine(export_dir / graph.file, precision=precision, max_batch=max_batch, opt_batch=opt_batch,
+    data = build_engine(export_dir / graph.file, max_batch=max_batch, opt_batch=opt_batch,
                         timing_cache=cache_dir / TIMING_CACHE)  # fmt: skip
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return data
@@ -162,10 +166,11 @@ class _Engine:
 class TensorRTRunner(Runner):
     """An ONNX export served by TensorRT engines (encoder and one unrolled decode).
 
-    Engines come from the export's fp32 graphs; ``precision`` ("fp32", "fp16", "bf16") sets
-    the builder flag. Batches of 1..``max_batch`` run (optimised for ``opt_batch``, default
-    ``min(8, max_batch)``). ``cache_dir`` keeps engines and the timing cache (default
-    ``<export_dir>/tensorrt``).
+    ``precision`` ("fp32", "fp16", "bf16") picks the export's graphs that the engines are
+    built from (strongly typed; an export holds fp32 and fp16 by default, bf16 with
+    ``dbae export --precision bf16``). Batches of 1..``max_batch`` run (optimised for
+    ``opt_batch``, default ``min(8, max_batch)``). ``cache_dir`` keeps engines and the timing
+    cache (default ``<export_dir>/tensorrt``).
     """
 
     name = "tensorrt"
@@ -193,10 +198,10 @@ class TensorRTRunner(Runner):
         manifest = read_manifest(export_dir)
         if model_config is not None:
             manifest.check_config(model_config)
-        setting = resolve_setting(manifest, "fp32", setting)
+        setting = resolve_setting(manifest, precision, setting)
         graphs = {
-            "encoder": manifest.graph("encoder", "fp32"),
-            "decode": manifest.graph("decode", "fp32", steps=setting.steps, sampler=setting.sampler),
+            "encoder": manifest.graph("encoder", precision),
+            "decode": manifest.graph("decode", precision, steps=setting.steps, sampler=setting.sampler),
         }
         device = torch.device("cuda", torch.cuda.current_device())
         c, h, w = manifest.image_shape
@@ -206,8 +211,8 @@ class TensorRTRunner(Runner):
         cache.mkdir(parents=True, exist_ok=True)
         runtime = trt.Runtime(_logger(trt))
         self._engines = {
-            what: _Engine(trt, runtime, cached_engine(export_dir, g, cache, precision=precision, max_batch=max_batch,
-                                                      opt_batch=opt_batch), device, what)  # fmt: skip
+            what: _Engine(trt, runtime, cached_engine(export_dir, g, cache, max_batch=max_batch, opt_batch=opt_batch),
+                          device, what)  # fmt: skip
             for what, g in graphs.items()
         }
 
@@ -222,8 +227,8 @@ def build_export_engines(
     export_dir: Path, precisions: list[str], *, max_batch: int = 64, opt_batch: int | None = None,
     log=None,
 ) -> list[Path]:  # fmt: skip
-    """Engines of every encoder and decode graph of an export (``dbae export --format trt``),
-    into ``<export_dir>/tensorrt``; the paths written."""
+    """Engines of every encoder and decode graph of an export at ``precisions``
+    (``dbae export --format trt``), into ``<export_dir>/tensorrt``; the paths written."""
     trt = require_tensorrt()
     if not torch.cuda.is_available():
         raise ConfigError("--format trt builds TensorRT engines and needs a CUDA GPU visible to torch")
@@ -231,12 +236,12 @@ def build_export_engines(
     opt_batch = min(8, max_batch) if opt_batch is None else opt_batch
     cache = export_dir / "tensorrt"
     written = []
-    for g in manifest.graphs.get("fp32", {}).values():
-        if g.kind not in ("encoder", "decode"):
-            continue
-        for precision in precisions:
+    for precision in precisions:
+        for g in manifest.graphs.get(precision, {}).values():
+            if g.kind not in ("encoder", "decode"):
+                continue
             if log is not None:
-                log(f"building TensorRT engine {g.file} ({precision})")
-            cached_engine(export_dir, g, cache, precision=precision, max_batch=max_batch, opt_batch=opt_batch)
-            written.append(cache / engine_name(g, precision, opt_batch, max_batch, trt.__version__))
+                log(f"building TensorRT engine from {g.file}")
+            cached_engine(export_dir, g, cache, max_batch=max_batch, opt_batch=opt_batch)
+            written.append(cache / engine_name(g, opt_batch, max_batch, trt.__version__))
     return written

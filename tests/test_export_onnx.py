@@ -49,7 +49,8 @@ SETTINGS = [DecodeSetting(3, "euler"), DecodeSetting(3, "heun")]
 def _session(path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = path if isinstance(path, bytes) else str(path)  # a file, or a serialized graph
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 def _max_err(a, b) -> float:
@@ -137,6 +138,67 @@ def test_unrolled_decode_matches_the_fused_sampler_too(model, export_dir):
     assert _max_err(out, model.decode(z, graph.nfe, sampler="heun").images) < DECODE_FP32_TOL
 
 
+def _widened(path) -> bytes:
+    """An ONNX graph with every bfloat16 tensor, cast and type made float32 (so that ONNX Runtime,
+    which has no bfloat16 convolutions, runs it): the graph's structure and rounded weights alone."""
+    from onnx import AttributeProto, TensorProto, numpy_helper
+
+    proto = onnx.load(str(path))
+
+    def widen(t) -> None:
+        if t.data_type == TensorProto.BFLOAT16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+
+    for init in proto.graph.initializer:
+        widen(init)
+    for node in proto.graph.node:
+        for a in node.attribute:
+            if a.name == "to" and a.i == TensorProto.BFLOAT16:
+                a.i = TensorProto.FLOAT
+            if a.type == AttributeProto.TENSOR:
+                widen(a.t)
+    for v in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]:
+        if v.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+    return proto.SerializeToString()
+
+
+def test_bf16_graphs_run_the_networks_in_bfloat16(model, tmp_path, reference_decode):
+    """bf16 graphs (TensorRT's strongly typed bf16 engines are built from them): opset 22, float32
+    inputs and outputs, bfloat16 weights and activations. ONNX Runtime has no bfloat16
+    convolutions, so the graphs are checked widened to float32 (the same graph and rounded
+    weights: it must match the model with its weights rounded to bfloat16) and, as they are,
+    in ONNX's reference evaluator."""
+    from onnx import TensorProto
+    from onnx.reference import ReferenceEvaluator
+
+    out = tmp_path / "bf16"
+    manifest = export_onnx(model, out, settings=[DecodeSetting(3, "heun")], precisions=("bf16",),
+                           kinds=("encoder", "decode"))  # fmt: skip
+    assert manifest.opset == 22 and sorted(manifest.graphs) == ["bf16"]
+    encoder, decode = manifest.graph("encoder", "bf16"), manifest.graph("decode", "bf16", steps=3, sampler="heun")
+    for graph in (encoder, decode):
+        proto = onnx.load(str(out / graph.file))
+        assert {init.data_type for init in proto.graph.initializer if len(init.dims) == 4} == {TensorProto.BFLOAT16}
+        assert {v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]} == {TensorProto.FLOAT}
+    rounded = copy.deepcopy(model).bfloat16().float()  # the weights the bf16 graphs hold
+    images, = _inputs(model, "encoder", 3)
+    with torch.no_grad():
+        z_fp32 = model.encode(images)
+        (z,) = _session(_widened(out / encoder.file)).run(None, {"images": images.numpy()})
+        assert _max_err(z, rounded.encode(images)) < FP32_TOL < _max_err(z, z_fp32)
+        (decoded,) = _session(_widened(out / decode.file)).run(None, {"z": z_fp32.numpy()})
+        assert _max_err(decoded, rounded.decode(z_fp32, 5, sampler="heun").images) < DECODE_FP32_TOL
+    # as exported, in bfloat16 throughout (the evaluator accumulates in bfloat16 too): errors of a
+    # few percent of |z| <= 0.7, where a wrong graph is off by the values themselves
+    (z,) = ReferenceEvaluator(str(out / encoder.file)).run(None, {"images": images.numpy()})
+    assert z.dtype == np.float32 and _max_err(z, z_fp32) < 0.05
+    with pytest.raises(ConfigError, match="bfloat16"):
+        OnnxRuntimeRunner(out, "cpu", "bf16", DecodeSetting(3, "heun"))
+    with pytest.raises(ConfigError, match="opset 22"):
+        export_onnx(model, tmp_path / "old", settings=[DecodeSetting(2)], precisions=("bf16",), opset=17)
+
+
 def test_manifest_describes_every_graph(model, export_dir):
     manifest = read_manifest(export_dir)
     assert manifest.preset == "tiny16" and manifest.checkpoint is None
@@ -190,6 +252,27 @@ def test_onnxruntime_runner_matches_eager(model, export_dir, reference_decode):
     assert _max_err(edited, runner.reconstruct(images)) > 1e-3  # the shift does something
     fp16 = OnnxRuntimeRunner(export_dir, "cpu", "fp16", setting, threads=1)
     assert _max_err(fp16.decode(z), eager.decode(z)) < DECODE_FP16_TOL
+
+
+def test_io_binding_path_gives_the_same_outputs_on_the_cpu(export_dir):
+    """The binding code of the CUDA provider (tensors bound by pointer, outputs preallocated),
+    run here with CPU tensors: the same numbers as feeding NumPy arrays, at batch 1 and 3."""
+    setting = DecodeSetting(3, "heun")
+    plain = OnnxRuntimeRunner(export_dir, "cpu", "fp32", setting, threads=1)
+    bound = OnnxRuntimeRunner(export_dir, "cpu", "fp32", setting, threads=1, io_binding=True)
+    assert plain._encoder.binding is None and bound._encoder.binding is not None
+    g = torch.Generator().manual_seed(11)
+    direction = torch.randn(16, generator=g)
+    for batch in (1, 3):
+        images = torch.rand((batch, 3, 16, 16), generator=g) * 2 - 1
+        z = bound.encode(images)
+        assert z.shape == (batch, 16) and torch.equal(z, plain.encode(images))
+        decoded = bound.decode(z)
+        assert decoded.shape == (batch, 3, 16, 16) and torch.equal(decoded, plain.decode(z))
+        assert torch.equal(bound.edit(images, direction, 2.0), plain.edit(images, direction, 2.0))
+    # a non-contiguous or wrongly typed input is made contiguous float32 before it is bound
+    z = bound.encode(images)
+    assert torch.equal(bound.decode(z.double().t().contiguous().t()), plain.decode(z))
 
 
 def test_registry_onnxruntime_kind(model, reference_decode):
@@ -308,11 +391,22 @@ def test_cli_export_from_a_checkpoint(capsys, checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no staging folders left behind
 
 
+def test_cli_bf16_export_takes_opset_22(capsys, checkpoint, tmp_path):
+    code, stdout, _ = _run(capsys, "export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "b"), "--steps", "1",
+                           "--precision", "fp16", "bf16")  # fmt: skip
+    manifest = read_manifest(tmp_path / "b")
+    assert code == 0 and manifest.opset == 22 and sorted(manifest.graphs) == ["bf16", "fp16"]
+    # the fp16 graphs of an opset-22 export still run in ONNX Runtime
+    runner = OnnxRuntimeRunner(tmp_path / "b", "cpu", "fp16", DecodeSetting(1), threads=1)
+    assert runner.reconstruct(torch.zeros(1, 3, 16, 16)).isfinite().all()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "steps must be an integer from 1 to 10"),
     (["--steps", "11"], "steps must be an integer from 1 to 10"),
     (["--opset", "13"], "--opset must be >= 17"),
     (["--max-batch", "0"], "--max-batch must be >= 1"),  # checked for every format, not only trt
+    (["--precision", "bf16", "--opset", "17"], "bf16 graphs need --opset 22"),
 ])  # fmt: skip
 def test_cli_bad_arguments_give_one_line(capsys, checkpoint, tmp_path, argv, message):
     code, _, err = _run(capsys, "export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "o"), *argv)
@@ -377,3 +471,9 @@ def test_tensorrt_runner_matches_eager(model, export_dir, tmp_path, reference_de
         runner.encode(torch.zeros(5, 3, 16, 16, device="cuda"))
     fp16 = TensorRTRunner(export_dir, "fp16", setting, max_batch=4, cache_dir=tmp_path / "trt")
     assert _max_err(fp16.decode(z).cpu(), eager.decode(z).cpu()) < DECODE_FP16_TOL
+    # bf16: strongly typed from the bf16 graphs (eager bf16 on the CPU is 0.017 from fp32 here)
+    export_onnx(model, tmp_path / "bf16", settings=[setting], precisions=("bf16",), kinds=("encoder", "decode"))
+    bf16 = TensorRTRunner(tmp_path / "bf16", "bf16", setting, max_batch=4, cache_dir=tmp_path / "trt")
+    assert _max_err(bf16.decode(z).cpu(), eager.decode(z).cpu()) < 0.1
+    with pytest.raises(ConfigError, match="no bf16 graphs.*--precision bf16"):
+        TensorRTRunner(export_dir, "bf16", setting, max_batch=4, cache_dir=tmp_path / "trt")

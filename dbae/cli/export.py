@@ -19,14 +19,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", nargs="+", type=int, default=[10],
                    help="decode steps K of the unrolled decode graphs, 1..10, one graph each (default 10)")  # fmt: skip
     p.add_argument("--sampler", choices=SAMPLERS, default="euler", help="sampler of the decode graphs (default euler)")
-    p.add_argument("--precision", nargs="+", choices=["fp32", "fp16"], default=["fp32", "fp16"],
-                   help="graph precisions (default fp32 fp16); fp16 runs the networks in float16 with float32 "
-                        "inputs and outputs")  # fmt: skip
+    p.add_argument("--precision", nargs="+", choices=["fp32", "fp16", "bf16"], default=["fp32", "fp16"],
+                   help="graph precisions (default fp32 fp16); fp16 and bf16 run the networks in float16 / "
+                        "bfloat16 with float32 inputs and outputs; bf16 graphs (opset 22) run in TensorRT, "
+                        "not in ONNX Runtime")  # fmt: skip
     p.add_argument("--format", choices=["onnx", "trt"], default="onnx",
                    help="onnx (default), or trt: the ONNX export plus TensorRT engines of the encoder and decode "
                         "graphs at each --precision (needs tensorrt and a CUDA GPU)")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=64, help="TensorRT: largest batch of the engines (default 64)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, the least supported)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default 17, the least supported; 22 when --precision includes bf16)")  # fmt: skip
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx.export's TorchScript tracer (default, fast) or its torch.export-based "
                         "dynamo exporter (tens of times slower on the unrolled decode)")  # fmt: skip
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     settings = [DecodeSetting(k, args.sampler) for k in dict.fromkeys(args.steps)]  # ConfigError for K outside 1..10
     if args.max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
+    precisions = list(dict.fromkeys(args.precision))
     require_onnx()
     if args.format == "trt":
         from ..export.tensorrt_runner import require_tensorrt
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(path, ema=not args.raw_weights, device="cpu")
     info = checkpoint_info(loaded.path, loaded.step, ema=not args.raw_weights)
     manifest = export_onnx(
-        loaded.model, args.out, settings=settings, precisions=list(dict.fromkeys(args.precision)),
+        loaded.model, args.out, settings=settings, precisions=precisions,
         preset=loaded.preset.name, checkpoint=info, opset=args.opset, exporter=args.exporter, overwrite=args.force,
         log=lambda msg: print(msg, flush=True),
     )  # fmt: skip
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "trt":
         from ..export.tensorrt_runner import build_export_engines
 
-        engines = build_export_engines(args.out, list(dict.fromkeys(args.precision)), max_batch=args.max_batch,
+        engines = build_export_engines(args.out, precisions, max_batch=args.max_batch,
                                        log=lambda msg: print(msg, flush=True))  # fmt: skip
         print(f"wrote {len(engines)} TensorRT engines to {args.out / 'tensorrt'}")
     return 0
