@@ -9,8 +9,8 @@ has (it removed the weak-typing FP16/BF16 builder flags; 10.x deprecated them in
 optimization profile for batch 1..``max_batch`` (optimised for ``opt_batch``), reuses and
 updates a timing cache file, and returns the serialized engine. :class:`TensorRTRunner`
 keeps the serialized engines in a cache folder (by default ``<export>/tensorrt``), named by
-the source graph (its file and sha256), profile and TensorRT version, so an engine is built
-once; it runs them with ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``
+the source graph (its file and sha256), profile, TensorRT version and GPU architecture
+(``sm90``: a shared cache folder serves several machines), so an engine is built once; it runs them with ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``
 on the current torch CUDA stream, reading and writing torch tensors in place.
 
 ``tensorrt`` is imported only when an engine is built or run; without it
@@ -37,7 +37,6 @@ Tensor = torch.Tensor
 
 TRT_PRECISIONS = PRECISIONS  # one engine precision per graph precision of an export
 INSTALL_HINT = "pip install tensorrt (NVIDIA's wheels, see https://pypi.nvidia.com), on a machine with a CUDA GPU"
-TIMING_CACHE = "timing.cache"
 
 
 def require_tensorrt() -> Any:
@@ -106,23 +105,34 @@ def build_engine(
     return bytes(memoryview(serialized))
 
 
-def engine_name(graph: GraphInfo, opt_batch: int, max_batch: int, trt_version: str) -> str:
-    """``<graph file stem>.b<opt>-<max>.<graph sha256[:12]>.trt<version>.engine`` (the stem names
-    the graph and its precision, e.g. ``decode-euler-k10.fp16``)."""
+def device_tag() -> str:
+    """``sm<major><minor>`` of the current CUDA device: engines and timing caches hold kernels and
+    timings of one GPU architecture, so a cache folder shared by several machines keys them by it."""
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major}{minor}"
+
+
+def engine_name(graph: GraphInfo, opt_batch: int, max_batch: int, trt_version: str, device: str) -> str:
+    """``<graph file stem>.b<opt>-<max>.<graph sha256[:12]>.trt<version>.<device>.engine`` (the stem
+    names the graph and its precision, e.g. ``decode-euler-k10.fp16``)."""
     stem = graph.file.removesuffix(".onnx")
-    return f"{stem}.b{opt_batch}-{max_batch}.{graph.sha256[:12]}.trt{trt_version}.engine"
+    return f"{stem}.b{opt_batch}-{max_batch}.{graph.sha256[:12]}.trt{trt_version}.{device}.engine"
 
 
-def cached_engine(export_dir: Path, graph: GraphInfo, cache_dir: Path, *, max_batch: int, opt_batch: int) -> bytes:
-    """The serialized engine of ``graph``: read from ``cache_dir``, or built and saved there."""
+def cached_engine(
+    export_dir: Path, graph: GraphInfo, cache_dir: Path, *, max_batch: int, opt_batch: int
+) -> tuple[Path, bytes]:
+    """(path, serialized engine) of ``graph`` in ``cache_dir``: read from there, or built and saved
+    there (with the timing cache of this TensorRT version and GPU beside it)."""
     trt = require_tensorrt()
-    path = cache_dir / engine_name(graph, opt_batch, max_batch, trt.__version__)
+    device = device_tag()
+    path = cache_dir / engine_name(graph, opt_batch, max_batch, trt.__version__, device)
     if path.is_file():
-        return path.read_bytes()
+        return path, path.read_bytes()
     data = build_engine(export_dir / graph.file, max_batch=max_batch, opt_batch=opt_batch,
-                        timing_cache=cache_dir / TIMING_CACHE)  # fmt: skip
+                        timing_cache=cache_dir / f"timing.trt{trt.__version__}.{device}.cache")  # fmt: skip
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-    return data
+    return path, data
 
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16}
@@ -210,11 +220,10 @@ class TensorRTRunner(Runner):
         cache = Path(cache_dir) if cache_dir is not None else export_dir / "tensorrt"
         cache.mkdir(parents=True, exist_ok=True)
         runtime = trt.Runtime(_logger(trt))
-        self._engines = {
-            what: _Engine(trt, runtime, cached_engine(export_dir, g, cache, max_batch=max_batch, opt_batch=opt_batch),
-                          device, what)  # fmt: skip
-            for what, g in graphs.items()
-        }
+        self._engines = {}
+        for what, g in graphs.items():
+            _, data = cached_engine(export_dir, g, cache, max_batch=max_batch, opt_batch=opt_batch)
+            self._engines[what] = _Engine(trt, runtime, data, device, what)
 
     def _encode(self, images: Tensor) -> Tensor:
         return self._engines["encoder"](images)
@@ -229,7 +238,7 @@ def build_export_engines(
 ) -> list[Path]:  # fmt: skip
     """Engines of every encoder and decode graph of an export at ``precisions``
     (``dbae export --format trt``), into ``<export_dir>/tensorrt``; the paths written."""
-    trt = require_tensorrt()
+    require_tensorrt()
     if not torch.cuda.is_available():
         raise ConfigError("--format trt builds TensorRT engines and needs a CUDA GPU visible to torch")
     manifest = read_manifest(export_dir)
@@ -242,6 +251,6 @@ def build_export_engines(
                 continue
             if log is not None:
                 log(f"building TensorRT engine from {g.file}")
-            cached_engine(export_dir, g, cache, max_batch=max_batch, opt_batch=opt_batch)
-            written.append(cache / engine_name(g, opt_batch, max_batch, trt.__version__))
+            path, _ = cached_engine(export_dir, g, cache, max_batch=max_batch, opt_batch=opt_batch)
+            written.append(path)
     return written

@@ -17,6 +17,8 @@ import copy
 import importlib.util
 import json
 import os
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -336,6 +338,104 @@ def test_missing_tensorrt(model, export_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+class _TensorRT11:
+    """A stand-in for the ``tensorrt`` module with the build API of TensorRT 11 as documented
+    (no FP16/BF16 builder flags: they were removed), recording what the build asks of it.
+    It checks that :func:`build_engine` uses that API as documented; not TensorRT itself."""
+
+    __version__ = "11.4.0"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 0  # kept by 11, ignored
+
+    class MemoryPoolType:
+        WORKSPACE = 0
+
+    class BuilderFlag:  # what is left of it in 11 (TF32 and others; no FP16, BF16, INT8)
+        TF32 = 0
+
+    class Network:
+        inputs: list = []
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.num_errors = network, 0
+
+        def parse_from_file(self, path):
+            graph = onnx.load(path, load_external_data=False).graph
+            self.network.inputs = [
+                types.SimpleNamespace(name=i.name, shape=tuple(d.dim_value or -1 for d in i.type.tensor_type.shape.dim))
+                for i in graph.input
+            ]
+            return True
+
+    class Builder:
+        def __init__(self, logger):
+            self.log = _TensorRT11.calls
+
+        def create_network(self, flags):
+            self.log["network flags"] = flags
+            return _TensorRT11.Network()
+
+        def create_optimization_profile(self):
+            shapes = self.log.setdefault("profile", {})
+            return types.SimpleNamespace(set_shape=lambda name, lo, opt, hi: shapes.__setitem__(name, (lo, opt, hi)))
+
+        def create_builder_config(self):
+            log = self.log
+            cache = types.SimpleNamespace(serialize=lambda: b"timings")
+            return types.SimpleNamespace(
+                set_memory_pool_limit=lambda pool, size: log.__setitem__("workspace", size),
+                add_optimization_profile=lambda profile: 0,
+                create_timing_cache=lambda data: log.__setitem__("timing cache read", bytes(data)) or cache,
+                set_timing_cache=lambda c, ignore_mismatch: True,
+                get_timing_cache=lambda: cache,
+            )
+
+        def build_serialized_network(self, network, config):
+            return memoryview(b"engine of " + ",".join(i.name for i in network.inputs).encode())
+
+    calls: dict = {}
+
+
+def test_tensorrt_build_uses_the_strongly_typed_api(export_dir, tmp_path, monkeypatch):
+    from dbae.export import tensorrt_runner
+
+    trt = types.ModuleType("tensorrt")
+    for name, value in vars(_TensorRT11).items():
+        if not name.startswith("__") or name == "__version__":
+            setattr(trt, name, value)
+    _TensorRT11.calls = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    graph = read_manifest(export_dir).graph("decode", "fp16", steps=3, sampler="euler")
+    cache = tmp_path / "timing.cache"
+    data = tensorrt_runner.build_engine(export_dir / graph.file, max_batch=8, opt_batch=2, timing_cache=cache)
+    calls = _TensorRT11.calls
+    assert data == b"engine of z" and calls["network flags"] == 1  # the STRONGLY_TYPED bit
+    assert calls["profile"] == {"z": ((1, 16), (2, 16), (8, 16))}
+    assert calls["timing cache read"] == b"" and cache.read_bytes() == b"timings"
+    tensorrt_runner.build_engine(export_dir / graph.file, max_batch=8, timing_cache=cache)
+    assert calls["timing cache read"] == b"timings" and calls["profile"]["z"][1] == (8, 16)  # opt = max by default
+    with pytest.raises(ConfigError, match="opt_batch"):
+        tensorrt_runner.build_engine(export_dir / graph.file, max_batch=4, opt_batch=5)
+    monkeypatch.setattr(trt, "__version__", "8.6.1")
+    with pytest.raises(ConfigError, match="TensorRT 8.6.1 is too old"):
+        tensorrt_runner.build_engine(export_dir / graph.file)
+
+
 def test_incomplete_or_damaged_export(export_dir, tmp_path):
     import shutil
 
@@ -466,7 +566,8 @@ def test_tensorrt_runner_matches_eager(model, export_dir, tmp_path, reference_de
     z = runner.encode(images)
     assert _max_err(z.cpu(), eager.encode(images).cpu()) < 1e-3
     assert _max_err(runner.decode(z).cpu(), eager.decode(z).cpu()) < 1e-2
-    assert len(list((tmp_path / "trt").glob("*.engine"))) == 2 and (tmp_path / "trt" / "timing.cache").is_file()
+    cache = tmp_path / "trt"
+    assert len(list(cache.glob("*.sm*.engine"))) == 2 and len(list(cache.glob("timing.trt*.sm*.cache"))) == 1
     with pytest.raises(DataError, match="max_batch 4"):
         runner.encode(torch.zeros(5, 3, 16, 16, device="cuda"))
     fp16 = TensorRTRunner(export_dir, "fp16", setting, max_batch=4, cache_dir=tmp_path / "trt")
