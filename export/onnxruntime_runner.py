@@ -87,7 +87,7 @@ def resolve_setting(manifest: Manifest, precision: str, setting: DecodeSetting |
 
 
 class _Session:
-    """One graph's inference session, run on CPU arrays or bound to CUDA tensors."""
+    """One graph's inference session, fed NumPy views of CPU tensors or bound to torch tensors."""
 
     def __init__(self, ort: Any, path: Path, graph: GraphInfo, provider: str, device: torch.device,
                  options: Any, io_binding: bool) -> None:  # fmt: skip

@@ -10,8 +10,9 @@ optimization profile for batch 1..``max_batch`` (optimised for ``opt_batch``), r
 updates a timing cache file, and returns the serialized engine. :class:`TensorRTRunner`
 keeps the serialized engines in a cache folder (by default ``<export>/tensorrt``), named by
 the source graph (its file and sha256), profile, TensorRT version and GPU architecture
-(``sm90``: a shared cache folder serves several machines), so an engine is built once; it runs them with ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``
-on the current torch CUDA stream, reading and writing torch tensors in place.
+(``sm90``: a shared cache folder serves several machines), so an engine is built once. It
+runs them with ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` on the
+current torch CUDA stream, reading and writing torch tensors in place.
 
 ``tensorrt`` is imported only when an engine is built or run; without it
 :func:`require_tensorrt` raises ConfigError saying what to install.
