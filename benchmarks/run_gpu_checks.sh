@@ -2,7 +2,8 @@
 # The GPU checks of the fused kernels, in one go (for a CUDA machine; not part of CI):
 #   1. build and install dbae against the CUDA torch found here (falls back to the pure-Python
 #      package when the build fails, so that the Triton and reference checks still run),
-#   2. the fused-kernel tests, now on CUDA (parity, CUDA graphs, compiled Triton kernels),
+#   2. the fused-kernel and runner tests, now on CUDA (parity, CUDA graphs, compiled Triton kernels;
+#      ONNX Runtime CUDA and TensorRT where onnxruntime-gpu / tensorrt are installed),
 #   3. a short CUDA training run with the fused ops against the reference path,
 #   4. both kernel benchmarks (GB/s against the device-to-device copy of the same run),
 #   5. the deployment latency benchmark (eager against CUDA graphs, ffhq128 random weights),
@@ -75,7 +76,7 @@ plugins+=$($py -c "import pytest_timeout" 2>/dev/null && echo " --timeout ${TEST
 want tests && TAIL_LINES=60 step tests "${TESTS_TIMEOUT:-240}" $py -m pytest -v -rfE --tb=short $plugins \
   -p no:cacheprovider -p no:benchmark --junitxml="$out/tests.xml" \
   tests/test_fused_step.py tests/test_triton_kernels.py tests/test_fused_training.py tests/test_fused_sampling.py \
-  tests/test_runners_torch.py tests/test_ext.py
+  tests/test_runners_torch.py tests/test_ext.py tests/test_export_onnx.py
 
 want bench_step && step bench_step "${BENCH_STEP_TIMEOUT:-100}" $py benchmarks/bench_sampler_step.py --device cuda \
   --batches ${BENCH_STEP_BATCHES:-1 16 128} --sizes 64 128 --min-time 0.1 --json "$out/bench_sampler_step.json"
