@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from dbae.plotting import pyplot
+
 from .runner import DecodeSetting, Runner
 
 Tensor = torch.Tensor
@@ -159,12 +161,8 @@ def write_json(rows: Sequence[LatencyRow], meta: dict, path: Path) -> None:
 def plot(rows: Sequence[LatencyRow], path: Path, title: str = "") -> bool:
     """Median latency (p95 as the whisker) per operation, one bar per runner, one panel per
     batch size, log scale. False (and nothing written) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     batches = sorted({r.batch for r in rows})
     runners = list(dict.fromkeys(r.runner for r in rows))

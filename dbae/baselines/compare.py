@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..plotting import pyplot
 
 Tensor = torch.Tensor
 
@@ -619,12 +620,8 @@ def write_outputs(rows: Sequence[CompareRow], meta: dict, out: Path, q: Sequence
 def plot(rows: Sequence[CompareRow], path: Path, title: str = "") -> bool:
     """Grouped bars (infer x_T, decode, total; median with p95 whisker, log scale), one group
     per row. False (nothing written) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     seen: dict[tuple, CompareRow] = {}
     for r in rows:

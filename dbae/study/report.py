@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..plotting import pyplot
 from .config import LABELS
 
 #: the paper's Table 2, tractable block (FFHQ-trained, CelebA-HQ reconstructions): SSIM, LPIPS, MSE
@@ -162,20 +163,9 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
 
 
 # ----- plots -----
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def plot_reconstruction_metrics(results: dict[str, Any], path: Path) -> bool:
     """Bars of MSE, PSNR and SSIM per (method, setting); False without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     rows = results["reconstruction"]
@@ -198,7 +188,7 @@ def plot_reconstruction_metrics(results: dict[str, Any], path: Path) -> bool:
 
 def plot_reconstruction_grid(inputs: torch.Tensor, rows: Sequence[tuple[str, torch.Tensor]], path: Path) -> bool:
     """One row of images per setting under a row of inputs (images in [-1, 1])."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     all_rows = [("input", inputs), *rows]
@@ -221,7 +211,7 @@ def plot_reconstruction_grid(inputs: torch.Tensor, rows: Sequence[tuple[str, tor
 
 def plot_latency(results: dict[str, Any], path: Path) -> bool:
     """Grouped bars (encode, infer x_T, decode) in ms per image, log scale."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     rows = results["latency"]
