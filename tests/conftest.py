@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,20 @@ import pytest
 
 from dbae.config import get_preset
 from dbae.training import TrainOptions, Trainer, override
+
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """Plain float32 convolutions and matmuls on CUDA for one test (TF32 rounds their inputs),
+    restored afterwards. (Not monkeypatch: torch's backend flags are properties of module-like
+    objects, not attributes it can restore; pytest 9.2 fails at teardown on them.)"""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
 
 #: steps of the shared tiny run (tiny16 preset, seeded)
 TINY_STEPS = 300

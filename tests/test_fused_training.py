@@ -45,12 +45,10 @@ def test_auto_never_uses_the_interpreter_on_cpu(monkeypatch):
     assert not fused_training(torch.device("cpu"))
 
 
-def test_fused_loss_and_gradients_match_reference(monkeypatch):
+def test_fused_loss_and_gradients_match_reference(monkeypatch, no_tf32):
     from dbae.kernels import bridge_noise
 
-    # plain float32 convolutions on CUDA: TF32 would round the two paths' inputs differently
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    # no_tf32: plain float32 convolutions on CUDA, TF32 would round the two paths' inputs differently
     torch.manual_seed(0)
     model = DBAE(get_preset("tiny16").model)
     for p in model.unet.out.parameters():  # give the zero-initialised output conv some weight
