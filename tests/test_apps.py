@@ -35,6 +35,7 @@ from dbae.cli.main import main
 from dbae.data.shapes import ShapesDataset, factor_index, render
 from dbae.errors import CheckpointError, DataError
 from dbae.inference import load_model, resolve_checkpoint
+from dbae.training.checkpoint import load_checkpoint, save_checkpoint
 
 #: "most" test images: at least this fraction must behave (measured: 100% for both)
 MOST = 0.8
@@ -269,9 +270,9 @@ def test_cli_attribute_file_classifier_then_manipulate(capsys, trained_shapes, t
     assert code == 0, err
     report = json.loads(grid.with_suffix(".json").read_text())
     assert report["columns"] == ["input", -1.0, 0.0, 1.0]
-    # 2 images x 2 modes rows, input + 3 scales columns of 16 px with 2 px padding
+    # 2 images x 2 modes rows, input + 3 scales columns of 16 px, enlarged 4x by default, 2 px padding
     width, height = Image.open(grid).size
-    assert height == 2 + 4 * 18 and width > 4 * 18
+    assert height == 2 + 4 * 66 and width > 4 * 66
     both = report["mean_score"]["both"]
     assert both["-1.0"] < both["1.0"]
     # the classifier knows whose latents it was trained on: another checkpoint, or the other
@@ -280,7 +281,9 @@ def test_cli_attribute_file_classifier_then_manipulate(capsys, trained_shapes, t
                        "--classifier", clf_path, "--attr", "Bright_Background", "--out", grid)
     assert code == 2 and "was made with the ema weights" in err and "drop --raw-weights" in err
     other = tmp_path / "other.safetensors"
-    other.write_bytes(resolve_checkpoint(trained_shapes).read_bytes()[:-1] + b" ")  # same header, other bytes
+    ckpt = load_checkpoint(resolve_checkpoint(trained_shapes))  # the same model with other weights
+    save_checkpoint(other, preset=ckpt.preset, step=ckpt.step, model=ckpt.model,
+                    ema={k: v + 1e-3 if v.is_floating_point() else v for k, v in ckpt.ema.items()})
     code, _, err = run(capsys, "manipulate", image, "--ckpt", other, "--classifier", clf_path,
                        "--attr", "Bright_Background", "--out", grid)
     assert code == 2 and "belongs to another autoencoder" in err and "dbae train-classifier" in err

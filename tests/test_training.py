@@ -138,7 +138,7 @@ def test_truncated_checkpoint_is_detected_and_skipped(tmp_path):
     newest = run.checkpoint
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+    with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(newest)
     warnings = []
     found = latest_valid_checkpoint(newest.parent, warn=warnings.append)
@@ -159,7 +159,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
 
 def test_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
     """A failure while writing never leaves a file under a checkpoint's name."""
-    import dbae.training.checkpoint as ck
+    import dbae.integrity as ck
 
     def failing_save(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from safetensors.torch import save_file
 
 from ..data.attributes import read_attribute_table
 from ..data.shapes import FACTORS, ShapesDataset, render
@@ -35,7 +34,8 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..imageio import load_images
 from ..model import DBAE
 from ..prior.identity import AutoencoderRef, check_same_autoencoder
-from ..training.checkpoint import atomic_write, read_tagged_safetensors
+from ..integrity import write_safetensors
+from ..training.checkpoint import read_tagged_safetensors
 
 Tensor = torch.Tensor
 
@@ -347,7 +347,7 @@ def save_classifier(path: Path, clf: AttributeClassifier) -> Path:
     if clf.autoencoder is not None:
         metadata["autoencoder"] = json.dumps(clf.autoencoder.to_dict())
     path = Path(path)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_safetensors(path, tensors, metadata)
     return path
 
 

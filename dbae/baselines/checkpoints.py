@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Callable, Literal, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 from ..inference import LoadedModel, load_model, resolve_checkpoint
+from ..integrity import read_header
 from ..training.checkpoint import FORMAT as DBAE_FORMAT
 from ..training.checkpoint import list_checkpoints, read_tagged_safetensors
 from .ddim_autoencoder import DDIMAutoencoder
@@ -36,11 +36,7 @@ def _metadata(path: Path) -> dict[str, str]:
     """The string metadata of a safetensors file (its header only)."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
+    return read_header(path)
 
 
 def checkpoint_method(path: str | Path) -> Method:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from ..integrity import write_safetensors
 from ..training.checkpoint import atomic_write
 from .common import (
     add_checkpoint_arguments,
@@ -43,9 +43,12 @@ def run(args: argparse.Namespace) -> int:
         z = torch.cat([model.encode(c.to(device), sample=args.sample, generator=generator).cpu()
                        for c in x.split(args.batch_size)])
     if suffix == ".npy":
-        atomic_write(args.out, lambda tmp: np.save(open(tmp, "wb"), z.numpy()))
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, z.numpy())
+
+        atomic_write(args.out, write)
     else:
-        atomic_write(args.out, lambda tmp: save_file({"z": z.contiguous()}, tmp,
-                                                      metadata={"checkpoint": str(loaded.path)}))
+        write_safetensors(args.out, {"z": z}, {"checkpoint": str(loaded.path)})
     print(f"encoded {z.shape[0]} images to z of dimension {z.shape[1]}: {args.out}")
     return 0

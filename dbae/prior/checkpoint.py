@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import CheckpointError, ConfigError
-from ..training.checkpoint import atomic_write, atomic_write_text, load_state_strict, read_tagged_safetensors
+from ..integrity import write_safetensors
+from ..training.checkpoint import atomic_write_text, load_state_strict, read_tagged_safetensors
 from .config import PriorPreset, prior_from_dict, prior_to_dict
 from .ddim import LatentDiffusion
 from .identity import AutoencoderRef
@@ -76,7 +76,7 @@ def save_prior(
         "autoencoder": json.dumps(autoencoder.to_dict(), sort_keys=True),
         "latents": json.dumps(latents, sort_keys=True),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_safetensors(path, tensors, metadata)
     readable = {
         "format": FORMAT, "step": step, "z_dim": int(mean.shape[0]), "preset": prior_to_dict(preset),
         "autoencoder": autoencoder.to_dict(), "latents": latents, **(extra or {}),

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..errors import CheckpointError, DataError
 from ..model import DBAE
-from ..training.checkpoint import atomic_write, atomic_write_text, read_tagged_safetensors
+from ..integrity import write_safetensors
+from ..training.checkpoint import atomic_write_text, read_tagged_safetensors
 from .identity import AutoencoderRef
 
 FORMAT = "dbae-latents/1"
@@ -120,7 +120,7 @@ def save_latents(path: Path, latents: LatentSet) -> Path:
     path = Path(path)
     info = json.dumps(latents.info.to_dict(), sort_keys=True)
     tensors = {"z": latents.z, "mean": latents.mean, "std": latents.std}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "info": info}))
+    write_safetensors(path, tensors, {"format": FORMAT, "info": info})
     summary = {
         **latents.info.to_dict(),
         "z_dim": latents.z_dim,

@@ -9,9 +9,11 @@ One file per checkpoint, ``<run>/checkpoints/step-00001000.safetensors``, holdin
 
 A file is first written to a temporary name in the same directory, flushed to disk and
 then renamed over the final name, so a crash can never leave a half-written checkpoint
-under a checkpoint's name. The trainer also records every checkpoint's sha256 in
-``checkpoints/manifest.json`` (:mod:`dbae.training.manifest`) before that rename, and
-:func:`latest_valid_checkpoint` skips a file whose bytes no longer match it.
+under a checkpoint's name. Every file carries the sha256 of its tensor data and of its
+metadata in its header (:mod:`dbae.integrity`), checked on every load; the trainer also
+records every checkpoint's sha256 in ``checkpoints/manifest.json``
+(:mod:`dbae.training.manifest`) before that rename, checked on every load too, and
+:func:`latest_valid_checkpoint` skips a file that fails either check.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 
 from ..config import Preset, dumps, preset_from_dict
 from ..errors import CheckpointError, ConfigError
+from ..integrity import read_header, read_safetensors, write_safetensors
 
 FORMAT = "dbae-checkpoint/1"
 #: the package's other safetensors files (their ``format`` tag; the constants live in modules that import this
@@ -160,8 +161,7 @@ def write_weights_file(
         tensors.update(optim_tensors)
         metadata["optim"] = json.dumps(optim_meta)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata), before_replace)
-    return Path(path)
+    return write_safetensors(path, tensors, metadata, before_replace)
 
 
 def split_weights(
@@ -203,33 +203,25 @@ def save_checkpoint(
 def read_tagged_safetensors(path: Path, file_format: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(metadata, tensors) of a safetensors file whose metadata ``format`` is ``file_format``.
 
-    CheckpointError when the file is corrupt, truncated, not safetensors, or of another
-    format (``what`` names the kind of file in the message, e.g. "dbae prior").
+    CheckpointError when the file is of another format (``what`` names the kind of file in
+    the message, e.g. "dbae prior"), or fails a check of :func:`dbae.integrity.read_safetensors`
+    (corrupt, truncated, not safetensors, its bytes differ from its own sha256 or from its
+    folder's manifest).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
-    if meta.get("format") != file_format:
-        raise CheckpointError(f"{path} is not a {what} (format {meta.get('format')!r}, expected {file_format!r})")
-    return meta, tensors
+    fmt = read_header(path).get("format")
+    if fmt != file_format:
+        raise CheckpointError(f"{path} is not a {what} (format {fmt!r}, expected {file_format!r})")
+    return read_safetensors(path)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of DBAE checkpoint ``path`` (nothing else is read or checked);
+    CheckpointError for a missing or unreadable file, or a file of another kind."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
+    meta = read_header(path)
     fmt = meta.get("format")
     if fmt in OTHER_KINDS:
         raise CheckpointError(f"{path} is {OTHER_KINDS[fmt]}, not a DBAE checkpoint; this needs a DBAE checkpoint "
@@ -240,12 +232,10 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def load_checkpoint(path: Path, *, with_optimizer: bool = True) -> Checkpoint:
+    """A DBAE checkpoint, after every check of :func:`dbae.integrity.read_safetensors`."""
     path = Path(path)
-    meta = read_metadata(path)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
+    read_metadata(path)  # another kind of file is named as such before it is read in full
+    meta, tensors = read_safetensors(path)
     try:
         preset = preset_from_dict(json.loads(meta["preset"]))
         step = int(meta["step"])
@@ -271,19 +261,13 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """CheckpointError unless ``path`` is intact: its sha256 matches the run's manifest
-    (:mod:`dbae.training.manifest`), or, for a file the manifest does not list, all of it
-    reads back."""
-    from .manifest import verify
-
+    """CheckpointError unless ``path`` is an intact DBAE checkpoint: it reads back in full,
+    and its bytes match its own embedded sha256 and its run's manifest
+    (:func:`dbae.integrity.read_safetensors`; a file passed here is not hashed again when it
+    is loaded next in the same process)."""
     path = Path(path)
-    try:
-        hashed = verify(path)
-        read_metadata(path)
-        if not hashed:
-            load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is corrupt, truncated or not a safetensors file ({exc})") from None
+    read_metadata(path)
+    read_safetensors(path)
 
 
 def latest_valid_checkpoint(directory: Path, warn=print, check: Callable[[Path], Any] | None = None) -> Path | None:
