@@ -6,6 +6,12 @@ replicated, palette images are expanded, and transparent images are composited o
 white background. Resizing (``resize_square``) scales the shorter side to the target
 size with Pillow's antialiased bicubic filter and keeps the central square.
 
+Every read has a pixel limit (width x height, default :data:`DEFAULT_MAX_IMAGE_PIXELS`,
+64 megapixels): a larger image, or a file that claims to be one (a decompression bomb),
+is a DataError before its pixels are decoded, never a warning and a full decode. The
+limit is per process: :func:`set_max_image_pixels`, or ``--max-megapixels`` on the
+command line.
+
 Writes (``save_image``, ``save_grid``) are atomic: the file is written next to its
 destination under a temporary name and then renamed over it; parent folders are created.
 """
@@ -14,7 +20,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
+import threading
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -30,6 +39,16 @@ PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 _WHITE = (255, 255, 255, 255)
+
+#: the default pixel limit of an image read (64 megapixels: an 8000 x 8000 image, or a 48 MP
+#: phone photo, passes; a 12000 x 12000 one does not)
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+_max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+#: Pillow's limit is a module global: decodes hold this lock while they set it to ours
+_DECODE_LOCK = threading.Lock()
+
+#: the smallest side, in pixels, that :func:`save_grid` enlarges a grid's images to by default
+MIN_GRID_CELL = 64
 
 
 def file_in_the_way(path: PathLike) -> Path | None:
@@ -67,33 +86,71 @@ def find_images(root: PathLike) -> list[Path]:
     return paths
 
 
-def open_rgb(path: PathLike) -> Image.Image:
+def open_rgb(path: PathLike, max_pixels: int | None = None) -> Image.Image:
     """Decode the whole file into an RGB image (EXIF orientation applied).
 
-    Truncated files are an error: they are never loaded partially.
+    Truncated files are an error: they are never loaded partially. So is an image of over
+    ``max_pixels`` pixels (default: the process's limit, :func:`max_image_pixels`).
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not an image file")
-    return _decode_rgb(path, str(path))
+    return _decode_rgb(path, str(path), max_pixels)
 
 
-def decode_rgb(data: bytes, name: str) -> Image.Image:
+def decode_rgb(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
     """Decode encoded image bytes (a record of an LMDB or a member of a zip file) into
     an RGB image, like :func:`open_rgb`; errors name ``name`` (e.g. ``file.lmdb: record
     '128-00005'``)."""
-    return _decode_rgb(io.BytesIO(data), name)
+    return _decode_rgb(io.BytesIO(data), name, max_pixels)
 
 
-def _decode_rgb(source, name: str) -> Image.Image:
-    try:
-        with Image.open(source) as im:
-            im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{name}: not a readable image ({exc})") from exc
+def max_image_pixels() -> int:
+    """The pixel limit (width x height) of every image read in this process."""
+    return _max_image_pixels
+
+
+def set_max_image_pixels(pixels: int) -> None:
+    """Set the pixel limit of every image read in this process (``--max-megapixels``)."""
+    global _max_image_pixels
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 1:
+        raise DataError(f"the image pixel limit must be a positive number of pixels, got {pixels!r}")
+    _max_image_pixels = pixels
+
+
+def _too_large(name: str, pixels: int, size: tuple[int, int] | None, limit: int) -> DataError:
+    shape = f"{size[0]}x{size[1]} pixels, " if size else ""
+    return DataError(
+        f"{name}: image is {shape}{pixels / 1e6:.1f} megapixels, over the limit of "
+        f"{limit / 1e6:g} megapixels (a decompression bomb, or a larger image than expected); "
+        "if the file is trusted, raise the limit with --max-megapixels"
+    )
+
+
+def _decode_rgb(source, name: str, max_pixels: int | None) -> Image.Image:
+    limit = _max_image_pixels if max_pixels is None else max_pixels
+    with _DECODE_LOCK, warnings.catch_warnings():
+        # Opening reads the header only: its size is checked here. While decoding, Pillow's own
+        # guard (frames of animations, icons) runs at our limit, its warning an error.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(source) as im:
+                w, h = im.size
+                if w * h > limit:
+                    raise _too_large(name, w * h, (w, h), limit)
+                Image.MAX_IMAGE_PIXELS = limit
+                im.load()
+                return _to_rgb(ImageOps.exif_transpose(im))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            raise _too_large(name, int(pixels.group(1)) if pixels else limit + 1, None, limit) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise DataError(f"{name}: not a readable image ({exc})") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -135,14 +192,15 @@ def load_image(
     *,
     exact_size: bool = False,
     center_crop: bool = True,
+    max_pixels: int | None = None,
 ) -> torch.Tensor:
     """Load one image as a float32 tensor (3, H, W) in [-1, 1].
 
     ``image_size=None`` keeps the file's size. Otherwise the image is resized to
     ``image_size`` squared (see :func:`resize_square`), unless ``exact_size`` is set: then
-    a file of any other size raises DataError instead.
+    a file of any other size raises DataError instead. ``max_pixels``: see :func:`open_rgb`.
     """
-    im = open_rgb(path)
+    im = open_rgb(path, max_pixels)
     if image_size is None:
         if exact_size:
             raise ValueError("exact_size=True needs an image_size")
@@ -206,19 +264,30 @@ def save_image(path: PathLike, x: torch.Tensor) -> None:
     _save_atomic(_to_pil(x), Path(path))
 
 
+def grid_zoom(height: int, width: int) -> int:
+    """The default enlargement of a grid's ``height`` x ``width`` images: the smallest
+    whole factor that makes their longer side at least :data:`MIN_GRID_CELL` pixels."""
+    return max(1, -(-MIN_GRID_CELL // max(height, width)))
+
+
 def save_grid(
     path: PathLike,
     rows: Sequence[torch.Tensor],
     row_labels: Sequence[str] | None = None,
     padding: int = 2,
+    zoom: int | None = None,
 ) -> None:
     """Write a grid with one row per batch (B_i, C, H, W) in [-1, 1] (values clamped, so
     endpoints x_T outside [-1, 1] are shown saturated). Optional labels are drawn left of
     each row with Pillow's default font. The background and padding are white.
 
-    Size: width = padding + label_width + max_i(B_i) * (W + padding), height =
-    padding + len(rows) * (H + padding), where label_width is 0 without labels and the
-    widest label plus ``padding`` with them.
+    Every image is enlarged ``zoom`` times with nearest-neighbour pixels; the default
+    (None) is :func:`grid_zoom`: small images (a 16x16 model's) grow to at least
+    :data:`MIN_GRID_CELL` pixels a side, 64 pixels and more stay 1x. ``zoom=1`` keeps 1x.
+
+    Size: width = padding + label_width + max_i(B_i) * (zoom * W + padding), height =
+    padding + len(rows) * (zoom * H + padding), where label_width is 0 without labels and
+    the widest label plus ``padding`` with them.
     """
     if not rows:
         raise ValueError("save_grid needs at least one row")
@@ -230,6 +299,10 @@ def save_grid(
             raise ValueError(
                 f"every row must be a batch (B, C, {height}, {width}); got shape {tuple(row.shape)}"
             )
+    zoom = grid_zoom(height, width) if zoom is None else zoom
+    if isinstance(zoom, bool) or not isinstance(zoom, int) or zoom < 1:
+        raise ValueError(f"zoom must be a positive integer, got {zoom!r}")
+    height, width = height * zoom, width * zoom
 
     font = ImageFont.load_default()
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -250,7 +323,10 @@ def save_grid(
             text_top = top + (height - (lower - upper)) // 2 - upper
             draw.text((padding - left, text_top), row_labels[r], fill=(0, 0, 0), font=font)
         for c, image in enumerate(row):
-            grid.paste(_to_pil(image), (padding + label_width + c * (width + padding), top))
+            tile = _to_pil(image)
+            if zoom > 1:
+                tile = tile.resize((width, height), Image.Resampling.NEAREST)
+            grid.paste(tile, (padding + label_width + c * (width + padding), top))
     _save_atomic(grid, Path(path))
 
 

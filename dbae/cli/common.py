@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from ..data import ShapesDataset
-from ..errors import DataError
-from ..imageio import file_in_the_way, load_images
+from ..errors import CheckpointError, DataError
+from ..imageio import DEFAULT_MAX_IMAGE_PIXELS, MIN_GRID_CELL, file_in_the_way, load_images, set_max_image_pixels
 from ..inference import LoadedModel, load_model
+from ..integrity import read_header
 from ..sampling import SAMPLERS
 from ..training.checkpoint import FORMAT, OTHER_KINDS, atomic_write_text
 from ..training.trainer import resolve_device
@@ -21,6 +22,28 @@ def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run directory (its newest checkpoint)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+
+
+def add_image_limit_argument(p: argparse.ArgumentParser) -> None:
+    """``--max-megapixels``: the pixel limit of every image the command reads
+    (:func:`dbae.imageio.set_max_image_pixels`, applied by :func:`apply_image_limit`)."""
+    p.add_argument("--max-megapixels", type=float, default=None, metavar="MP",
+                   help=f"refuse images over MP megapixels before decoding them (default "
+                        f"{DEFAULT_MAX_IMAGE_PIXELS / 1e6:g}: a guard against decompression bombs)")
+
+
+def apply_image_limit(args: argparse.Namespace) -> None:
+    """Set the process's image pixel limit from ``--max-megapixels`` (the default when the
+    command has the option but it was not given; commands without it leave the limit as is)."""
+    if not hasattr(args, "max_megapixels"):
+        return
+    value = args.max_megapixels
+    if value is None:
+        set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
+        return
+    if not (value > 0) or value == float("inf"):
+        raise DataError(f"--max-megapixels must be a positive number, got {value}")
+    set_max_image_pixels(max(1, round(value * 1e6)))
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +56,21 @@ def add_input_arguments(p: argparse.ArgumentParser) -> None:
         help="resize and centre-crop images to the model's size (otherwise other sizes are an error)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in data and of any sampling noise")
+    add_image_limit_argument(p)
+
+
+def add_zoom_argument(p: argparse.ArgumentParser, what: str = "the grid's images") -> None:
+    """``--zoom N``: enlarge the images of a written PNG grid N times (nearest pixels); the
+    default enlarges small images to at least MIN_GRID_CELL pixels a side (1 keeps 1x)."""
+    p.add_argument("--zoom", type=int, default=None,
+                   help=f"enlarge {what} N times with nearest pixels (default: small images to at least "
+                        f"{MIN_GRID_CELL} pixels a side, e.g. 4x for 16x16 models; 1 keeps 1x)")
+
+
+def check_zoom(args: argparse.Namespace) -> None:
+    """DataError unless ``--zoom`` is unset (automatic) or at least 1."""
+    if args.zoom is not None and args.zoom < 1:
+        raise DataError(f"--zoom must be at least 1, got {args.zoom}")
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,12 +129,9 @@ def check_out_file(
         raise DataError(f"{flag} {path} is a folder; give the path of a file to write")
     _check_parents(path, flag)
     if path.is_file() and path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                fmt = (fh.metadata() or {}).get("format")
-        except (SafetensorError, OSError, ValueError):  # not safetensors at all: nothing of ours to protect
+            fmt = read_header(path).get("format")
+        except CheckpointError:  # not safetensors at all: nothing of ours to protect
             return
         if fmt is not None and fmt != writes:
             what = {FORMAT: "a DBAE checkpoint", **OTHER_KINDS}.get(fmt, f"a {fmt!r} file")

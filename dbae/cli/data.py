@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import DataError
+from .common import add_image_limit_argument
 
 HELP = "dataset tools (build-lmdb: convert a folder of images into an LMDB)"
 
@@ -46,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--workers", type=int, default=1, help="processes that decode and encode images (default 1)")
     b.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (it must be an LMDB)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_image_limit_argument(b)
     b.set_defaults(data_run=run_build_lmdb)
 
 

@@ -49,6 +49,7 @@ from ..training.trainer import resolve_device
 from . import eval_baselines
 from .common import (
     add_checkpoint_arguments,
+    add_image_limit_argument,
     add_input_arguments,
     add_sampler_arguments,
     check_batch_size,
@@ -95,6 +96,7 @@ def add_label_arguments(p: argparse.ArgumentParser, n_train: int, n_test: int) -
     src.add_argument("--attributes", type=Path, help="CelebA-style attribute file (list_attr_celeba.txt)")
     p.add_argument("--images", type=Path, help="image folder of the --attributes file")
     p.add_argument("--resize", action="store_true", help="resize images to the model's size")
+    add_image_limit_argument(p)
     p.add_argument("--attrs", nargs="+", help="use only these attributes (default: all)")
     p.add_argument("--n-train", type=int, default=n_train, help=f"training samples (default {n_train})")
     p.add_argument("--n-test", type=int, default=n_test, help=f"test samples (default {n_test})")
@@ -367,6 +369,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--n", type=int, default=1000, help="images per set (default 1000)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--resize", action="store_true", help="resize folder images to the model's size")
+    add_image_limit_argument(q)
     q.add_argument("--k", type=int, default=3, help="neighbours of the precision/recall manifolds (default 3)")
     q.add_argument("--splits", type=int, default=1, help="Inception Score splits (default 1)")
     q.add_argument("--batch-size", type=int, default=50)

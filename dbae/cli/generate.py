@@ -18,9 +18,11 @@ from ..training.checkpoint import atomic_write, atomic_write_text
 from .common import (
     add_checkpoint_arguments,
     add_sampler_arguments,
+    add_zoom_argument,
     check_batch_size,
     check_out_dir,
     check_sampler_arguments,
+    check_zoom,
     open_model,
 )
 
@@ -41,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("generated"),
                    help="output folder: grid.png, images/NNNNNN.png, samples.npy, z.npy, generate.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_zoom_argument(p, "grid.png's images (images/ stay 1x)")
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prior_steps < 1 or args.prior_eta < 0:  # the upper bound is the prior's (checked when it is loaded)
         raise DataError(f"--prior-steps must be at least 1 and --prior-eta >= 0, got {args.prior_steps} and "
                         f"{args.prior_eta}")  # fmt: skip
+    check_zoom(args)
     check_out_dir(args.out)
     loaded = open_model(args)
     model = loaded.model
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                       progress=not args.no_progress)
     out: Path = args.out
     rows = list(result.images.split(GRID_COLUMNS))
-    save_grid(out / "grid.png", rows)
+    save_grid(out / "grid.png", rows, zoom=args.zoom)
     for i, image in enumerate(result.images):
         save_image(out / "images" / f"{i:06d}.png", image)
     _save_npy(out / "samples.npy", to_uint8(result.images))

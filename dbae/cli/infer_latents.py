@@ -12,7 +12,13 @@ from ..errors import DataError
 from ..prior.identity import AutoencoderRef
 from ..prior.latents import FORMAT as LATENTS_FORMAT
 from ..prior.latents import LatentInfo, LatentSet, default_latents_path, infer_latents, save_latents
-from .common import add_checkpoint_arguments, check_batch_size, check_out_file, open_model
+from .common import (
+    add_checkpoint_arguments,
+    add_image_limit_argument,
+    check_batch_size,
+    check_out_file,
+    open_model,
+)
 
 HELP = "encode a dataset to latents z and store them with per-dimension statistics (for train-prior)"
 
@@ -30,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="latents file (default: <checkpoint stem>.latents.safetensors beside it)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_image_limit_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

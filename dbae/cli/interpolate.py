@@ -7,17 +7,20 @@ from pathlib import Path
 
 import torch
 
-from ..apps.grids import blank_like, enlarge
+from ..apps.grids import blank_like
 from ..apps.interpolate import interpolate
 from ..data import ShapesDataset
 from ..errors import DataError
 from ..imageio import load_images, save_grid
 from .common import (
     add_checkpoint_arguments,
+    add_image_limit_argument,
     add_sampler_arguments,
+    add_zoom_argument,
     check_batch_size,
     check_out_file,
     check_sampler_arguments,
+    check_zoom,
     open_model,
     report_path,
     write_report,
@@ -34,7 +37,8 @@ def add_image_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--resize", action="store_true",
                    help="resize and centre-crop images to the model's size (otherwise other sizes are an error)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in data and of any sampling noise")
-    p.add_argument("--zoom", type=int, default=1, help="enlarge the written grid N times (nearest pixels)")
+    add_zoom_argument(p)
+    add_image_limit_argument(p)
 
 
 def read_images(args: argparse.Namespace, image_size: int) -> torch.Tensor:
@@ -70,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     report_path(args.out, "interpolate")
     if args.steps < 2:
         raise DataError(f"--steps must be at least 2 (both ends), got {args.steps}")
-    if args.zoom < 1:
-        raise DataError(f"--zoom must be at least 1, got {args.zoom}")
+    check_zoom(args)
     loaded = open_model(args)
     model = loaded.model
     device = next(model.parameters()).device
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         a, b = x[2 * p], x[2 * p + 1]
         rows += [torch.cat([a[None], blank_like(a, args.steps - 2), b[None]]), res.x_T[p], res.images[p]]
         labels += ["inputs", "x_T", f"decoded ({res.nfe} NFE)"]
-    save_grid(args.out, [enlarge(r.cpu(), args.zoom) for r in rows], labels)
+    save_grid(args.out, [r.cpu() for r in rows], labels, zoom=args.zoom)
     report = {
         "checkpoint": str(loaded.path), "step": loaded.step, "pairs": int(res.images.shape[0]),
         "lambdas": res.lambdas.tolist(), "nfe": res.nfe, "sampler": args.sampler, "churn": args.churn,

@@ -10,6 +10,7 @@ from . import bench, data, encode, export, info, reconstruct, train
 from . import generate, infer_latents, train_prior
 from . import interpolate, manipulate, train_classifier
 from . import eval as eval_cmd
+from .common import apply_image_limit
 
 COMMANDS = {"train": train, "reconstruct": reconstruct, "encode": encode, "info": info, "bench": bench,
             "export": export,
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        apply_image_limit(args)
         return args.run(args) or 0
     except DBAEError as exc:
         print(f"dbae {args.command}: error: {exc}", file=sys.stderr)

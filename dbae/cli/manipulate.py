@@ -8,9 +8,7 @@ from pathlib import Path
 import torch
 
 from ..apps.attributes import load_classifier
-from ..apps.grids import enlarge
 from ..apps.manipulate import MODE_TITLES, MODES, manipulate
-from ..errors import DataError
 from ..imageio import save_grid
 from ..prior.identity import AutoencoderRef
 from .common import (
@@ -19,6 +17,7 @@ from .common import (
     check_batch_size,
     check_out_file,
     check_sampler_arguments,
+    check_zoom,
     open_model,
     report_path,
     write_report,
@@ -47,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
     check_batch_size(args)
     check_out_file(args.out)
     report_path(args.out, "manipulate")
-    if args.zoom < 1:
-        raise DataError(f"--zoom must be at least 1, got {args.zoom}")
+    check_zoom(args)
     clf = load_classifier(args.classifier)
     clf.index(args.attr)  # an unknown name fails before the model is loaded
     loaded = open_model(args)
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         for mode in modes:
             rows.append(torch.cat([x[b:b + 1], res.images[mode][order, b]]))
             labels.append(MODE_TITLES[mode])
-    save_grid(args.out, [enlarge(r.cpu(), args.zoom) for r in rows], labels)
+    save_grid(args.out, [r.cpu() for r in rows], labels, zoom=args.zoom)
     col = clf.index(args.attr)
     report = {
         "checkpoint": str(loaded.path), "step": loaded.step, "classifier": str(args.classifier),

@@ -18,9 +18,11 @@ from .common import (
     add_checkpoint_arguments,
     add_input_arguments,
     add_sampler_arguments,
+    add_zoom_argument,
     check_batch_size,
     check_out_file,
     check_sampler_arguments,
+    check_zoom,
     read_inputs,
     report_path,
     write_report,
@@ -36,11 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eval_baselines.add_recon_arguments(p)
     p.add_argument("--out", type=Path, default=Path("reconstruction.png"), help="grid PNG (default reconstruction.png)")
     p.add_argument("--json", type=Path, help="metrics JSON (default: next to the grid)")
+    add_zoom_argument(p)
     p.add_argument("--batch-size", type=int, default=32)
 
 
 def run(args: argparse.Namespace) -> int:
     check_out_file(args.out)
+    check_zoom(args)
     if args.json is not None:
         check_out_file(args.json, "--json")  # named by the user: theirs to replace
     else:
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         nfe = rec.nfe
     recon, x_T = torch.cat(images), torch.cat(endpoints)
     n = min(16, x.shape[0])
-    save_grid(args.out, [x[:n], x_T[:n], recon[:n]], ["input", "x_T", f"recon ({nfe} NFE)"])
+    save_grid(args.out, [x[:n], x_T[:n], recon[:n]], ["input", "x_T", f"recon ({nfe} NFE)"], zoom=args.zoom)
     how = {"nfe": nfe, "sampler": args.sampler, "churn": args.churn}
     return _report(args, loaded, x, recon, how, f"{nfe} NFE ({args.sampler})")
 
@@ -73,7 +77,8 @@ def _run_baseline(args: argparse.Namespace, loaded: LoadedBaseline) -> int:
     x = read_inputs(args, loaded.model.config.image_size)
     recon, how = eval_baselines.reconstruct(args, loaded, x)
     n = min(16, x.shape[0])
-    save_grid(args.out, [x[:n], recon[:n]], ["input", f"recon ({how['x_T']} x_T, {how['nfe']} steps)"])
+    save_grid(args.out, [x[:n], recon[:n]], ["input", f"recon ({how['x_T']} x_T, {how['nfe']} steps)"],
+              zoom=args.zoom)
     return _report(args, loaded, x, recon, {"method": loaded.method, **how}, f"{how['nfe']} steps ({how['x_T']} x_T)")
 
 

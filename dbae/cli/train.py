@@ -15,7 +15,7 @@ from ..errors import DBAEError
 from ..training import TrainOptions, override, train
 from ..training.distributed import all_ranks, env_rank, session
 from . import train_baselines
-from .common import check_out_dir
+from .common import add_image_limit_argument, add_zoom_argument, check_out_dir, check_zoom
 
 HELP = "train a DBAE model (or, with --method, the DiffAE / PDAE baseline)"
 
@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="auto, cpu or cuda[:N]; under torchrun auto, cpu or cuda (each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_zoom_argument(p, "the sample grids' images")
+    add_image_limit_argument(p)
     train_baselines.add_arguments(p)
 
 
@@ -96,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     out = args.out or Path("runs") / preset.name
     try:
+        check_zoom(args)
         check_out_dir(out)
         check_run_method(out, "dbae")
     except DBAEError as exc:
@@ -104,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         result = train(
             preset,
             TrainOptions(out=out, resume=args.resume is not None, compile=args.compile, device=args.device,
-                         channels_last=args.channels_last,
+                         channels_last=args.channels_last, grid_zoom=args.zoom,
                          progress=not args.no_progress, keep_last=3 if args.keep_last is None else args.keep_last,
                          grad_accum=1 if args.grad_accum is None else args.grad_accum, dist=dist),
         )

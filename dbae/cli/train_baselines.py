@@ -29,7 +29,7 @@ METHODS = ("dbae", "diffae", "pdae")
 DBAE_ONLY = {
     "grad_accum": "--grad-accum", "keep_last": "--keep-last", "precision": "--precision",
     "sample_every": "--sample-every", "num_workers": "--num-workers", "tc_weight": "--tc-weight",
-    "compile": "--compile", "channels_last": "--channels-last",
+    "compile": "--compile", "channels_last": "--channels-last", "zoom": "--zoom",
 }
 #: options of --method pdae only
 PDAE_ONLY = {"pdae_ddpm_ckpt": "--pdae-ddpm-ckpt", "pdae_ddpm_steps": "--pdae-ddpm-steps"}

@@ -25,7 +25,15 @@ from ..apps.attributes import (
 )
 from ..errors import DataError
 from ..prior.identity import AutoencoderRef
-from .common import add_checkpoint_arguments, check_batch_size, check_out_file, open_model, report_path, write_report
+from .common import (
+    add_checkpoint_arguments,
+    add_image_limit_argument,
+    check_batch_size,
+    check_out_file,
+    open_model,
+    report_path,
+    write_report,
+)
 
 HELP = "train linear attribute classifiers on normalized z (shapes factors or a CelebA-style attribute file)"
 
@@ -37,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--attr-file", type=Path, help="a list_attr_celeba.txt-style file (-1/1 labels)")
     p.add_argument("--image-dir", type=Path, help="folder holding the images named in --attr-file")
     p.add_argument("--resize", action="store_true", help="resize --image-dir images to the model's size")
+    add_image_limit_argument(p)
     p.add_argument("--limit", type=int, help="use only the first N rows of --attr-file")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="last fraction of --attr-file rows held out for the metrics (default 0.1)")

@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError
-from ..imageio import PathLike, check_image_size, decode_rgb, file_in_the_way, find_images, open_rgb, resize_square
+from ..imageio import (
+    PathLike,
+    check_image_size,
+    decode_rgb,
+    file_in_the_way,
+    find_images,
+    max_image_pixels,
+    open_rgb,
+    resize_square,
+)
 from .lmdb_dataset import INDEX_KEY, LENGTH_KEY, NAMES_KEY, import_lmdb
 from .zip_dataset import open_zip, zip_image_names
 
@@ -54,6 +63,7 @@ class _Encoder:
                  save_args: dict[str, Any]):
         self.source, self.names, self.is_zip = source, names, is_zip
         self.size, self.center_crop, self.save_args = size, center_crop, save_args
+        self.max_pixels = max_image_pixels()  # the limit of the process that made it (workers may be spawned)
         self._zip: Any = None
         self._pid: int | None = None
 
@@ -69,9 +79,9 @@ class _Encoder:
                 data = self._zip.read(name)
             except Exception as exc:  # bad CRC, truncated member, ...
                 raise DataError(f"{self.source}: member {name!r} cannot be read ({exc})") from None
-            im = decode_rgb(data, f"{self.source}: member {name!r}")
+            im = decode_rgb(data, f"{self.source}: member {name!r}", self.max_pixels)
         else:
-            im = open_rgb(self.source / name)
+            im = open_rgb(self.source / name, self.max_pixels)
         im = resize_square(im, self.size, self.center_crop)
         buffer = io.BytesIO()
         im.save(buffer, **self.save_args)

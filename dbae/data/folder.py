@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..imageio import PathLike, check_image_size, find_images, load_image
+from ..imageio import PathLike, check_image_size, find_images, load_image, max_image_pixels
 
 
 class ImageFolderDataset(Dataset):
@@ -27,6 +27,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root)
         self.image_size = check_image_size(image_size)
         self.center_crop = center_crop
+        self.max_pixels = max_image_pixels()  # the limit of the process that made it (workers may be spawned)
         self.paths = find_images(self.root)
         self.source = self.root
 
@@ -39,5 +40,5 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = load_image(self.paths[i], self.image_size, center_crop=self.center_crop)
+        image = load_image(self.paths[i], self.image_size, center_crop=self.center_crop, max_pixels=self.max_pixels)
         return image, torch.empty(0)

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..imageio import PathLike, check_image_size, decode_rgb, pil_to_tensor, resize_square
+from ..imageio import PathLike, check_image_size, decode_rgb, max_image_pixels, pil_to_tensor, resize_square
 
 LENGTH_KEY = b"length"
 NAMES_KEY = b"names"
@@ -134,6 +134,7 @@ class LMDBDataset(Dataset):
         self.path = self.source = Path(path)
         self.image_size = check_image_size(image_size)
         self.center_crop = center_crop
+        self.max_pixels = max_image_pixels()  # the limit of the process that made it (workers may be spawned)
         with shared_env(self.path, refresh=True).begin(buffers=False) as txn:
             self.length = self._read_length(txn)
             self.key_format = key_format or self._detect_key_format(txn)
@@ -228,7 +229,7 @@ class LMDBDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         data = self.read_bytes(index)
-        im = decode_rgb(data, f"{self.path}: record {self.key(index % self.length)!r}")
+        im = decode_rgb(data, f"{self.path}: record {self.key(index % self.length)!r}", self.max_pixels)
         return pil_to_tensor(resize_square(im, self.image_size, self.center_crop)), torch.empty(0)
 
 

@@ -12,7 +12,15 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..imageio import IMAGE_EXTENSIONS, PathLike, check_image_size, decode_rgb, pil_to_tensor, resize_square
+from ..imageio import (
+    IMAGE_EXTENSIONS,
+    PathLike,
+    check_image_size,
+    decode_rgb,
+    max_image_pixels,
+    pil_to_tensor,
+    resize_square,
+)
 
 
 def zip_image_names(archive: zipfile.ZipFile, where: str) -> list[str]:
@@ -57,6 +65,7 @@ class ZipImageDataset(Dataset):
         self.path = self.source = Path(path)
         self.image_size = check_image_size(image_size)
         self.center_crop = center_crop
+        self.max_pixels = max_image_pixels()  # the limit of the process that made it (workers may be spawned)
         self._zip: zipfile.ZipFile | None = None
         self._pid: int | None = None
         self.item_names = zip_image_names(self._open(), str(self.path))
@@ -88,5 +97,5 @@ class ZipImageDataset(Dataset):
             raise DataError(f"{self.path}: member {name!r} cannot be read ({exc})") from None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        im = decode_rgb(self.read_bytes(index), f"{self.path}: member {self.item_names[index]!r}")
+        im = decode_rgb(self.read_bytes(index), f"{self.path}: member {self.item_names[index]!r}", self.max_pixels)
         return pil_to_tensor(resize_square(im, self.image_size, self.center_crop)), torch.empty(0)

@@ -68,6 +68,9 @@ class TrainOptions:
     #: keep the networks' weights and the image batches channels-last (NHWC), the layout that
     #: cuDNN's fastest convolutions use on tensor-core GPUs; the fused ops run on it in place
     channels_last: bool = False
+    #: enlargement of the sample grids' images (None: small images to at least
+    #: ``dbae.imageio.MIN_GRID_CELL`` pixels a side; 1 keeps 1x)
+    grid_zoom: int | None = None
 
 
 @dataclass
@@ -346,7 +349,8 @@ class Trainer:
         rec = module.reconstruct(x, self.preset.train.sample_nfe)
         if grid_path is not None:
             n = min(8, x.shape[0])
-            save_grid(grid_path, [x[:n], rec.x_T[:n], rec.images[:n]], ["input", "x_T", f"recon ({rec.nfe} NFE)"])
+            save_grid(grid_path, [x[:n], rec.x_T[:n], rec.images[:n]], ["input", "x_T", f"recon ({rec.nfe} NFE)"],
+                      zoom=self.options.grid_zoom)
         stats = summarize((rec.images.float().cpu() + 1) / 2, (x.float().cpu() + 1) / 2)
         return {**stats, "nfe": rec.nfe}
 
