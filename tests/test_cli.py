@@ -45,9 +45,16 @@ def test_reconstruct_writes_grid_and_metrics(capsys, trained_tiny, tmp_path):
     report = json.loads(grid.with_suffix(".json").read_text())
     assert report["nfe"] == 8 and report["images"] == 6 and report["step"] == 300
     assert 0 < report["mse"] < 0.04 and 0 < report["ssim"] <= 1
-    with Image.open(grid) as im:
-        assert im.height > 3 * 16  # three rows: input, x_T, reconstruction
+    with Image.open(grid) as im:  # three rows (input, x_T, reconstruction) of 16x16 images shown 4x
+        assert im.height == 2 + 3 * (4 * 16 + 2)
     assert "PSNR" in out
+    code, _, _ = run(capsys, "reconstruct", "--ckpt", str(trained_tiny), "--dataset", "shapes", "--n", "6",
+                     "--nfe", "2", "--out", str(grid), "--zoom", "1")
+    with Image.open(grid) as im:
+        assert code == 0 and im.height == 2 + 3 * (16 + 2)
+    code, _, err = run(capsys, "reconstruct", "--ckpt", str(trained_tiny), "--dataset", "shapes", "--out",
+                       str(grid), "--zoom", "0")
+    assert code == 2 and "--zoom must be at least 1" in err
 
 
 def test_encode_matches_the_python_api(capsys, trained_tiny, tmp_path):
@@ -76,11 +83,15 @@ def test_train_command_end_to_end(capsys, tmp_path):
     code, stdout, _ = run(capsys, *argv)
     assert code == 0 and "step 2" in stdout
     assert (out / "samples" / "final.png").exists() and (out / "eval.json").exists()
+    with Image.open(out / "samples" / "final.png") as im:  # input, x_T, recon rows; 16 px enlarged 4x
+        assert im.height == 2 + 3 * (4 * 16 + 2)
     # Running it again without --resume would overwrite the run: refused with one clear line.
     code, _, err = run(capsys, *argv)
     assert code == 2 and "--resume" in err and "Traceback" not in err
-    code, stdout, _ = run(capsys, *argv[:4], "4", *argv[5:], "--resume")
+    code, stdout, _ = run(capsys, *argv[:4], "4", *argv[5:], "--resume", "--zoom", "1")
     assert code == 0 and "step 4" in stdout and "note: --precision" not in stdout
+    with Image.open(out / "samples" / "final.png") as im:
+        assert im.height == 2 + 3 * (16 + 2)
     # mixed precision is a CUDA feature: on the CPU the run says it trains in fp32
     code, stdout, _ = run(capsys, *argv[:4], "5", *argv[5:], "--resume", "--precision", "bf16")
     assert code == 0 and "note: --precision bf16 is mixed precision on CUDA; on cpu this run trains in fp32" in stdout
