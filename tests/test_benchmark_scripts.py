@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,50 @@ def test_bench_triton_train_smoke_accounts_bytes_per_op(tmp_path):
     ops = {(r["op"], r["dtype"]) for r in rows}
     assert ("noise", "float32") in ops and not any(op == "noise" and dt != "float32" for op, dt in ops)
     assert {op for op, _ in ops} == {*per_value, "noise"}
+
+
+def test_bench_serve_smoke_measures_every_edit_frame(trained_tiny, tmp_path):
+    """The serve benchmark against the real server (a subprocess on a loopback port): one
+    client dragging sliders for about a second, then a few connect / upload / disconnect
+    cycles. Its accounting must add up: every edit is either rendered or coalesced, the
+    server's runner rows are the frames the client received, the latencies are those of
+    the frames; and the server it started is gone afterwards."""
+    out = tmp_path / "serve.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--smoke", "--ckpt",
+                          str(trained_tiny), "--json", str(out)], capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["errors"] == 0
+    [r] = result["runs"]
+    assert r["clients"] == 1 and r["errors"] == 0 and r["failure_count"] == 0 and r["server_errors"] == 0
+    assert r["frames"] > 0 and all(r["checks"].values()), r["checks"]
+    # every edit is either rendered or folded into a later one (the last one is always rendered)
+    assert r["edits_sent"] >= r["frames"] and r["edits_sent"] == r["frames"] + r["coalesced"]
+    lat = r["latencies_ms"]
+    assert len(lat) == r["frames"] and all(x > 0 for x in lat)
+    p = r["latency_ms"]
+    assert 0 < p["p50"] <= p["p95"] <= p["max"] and p["max"] == pytest.approx(max(lat), abs=1e-3)
+    assert p["p50"] == pytest.approx(statistics.median(lat), abs=0.01)  # the latencies listed are the frames'
+    assert r["frames_per_s"] == pytest.approx(r["frames"] / r["seconds"])
+    # one row per edit frame; a call serves one or more rows
+    assert 1 <= r["runner_calls"] <= r["frames"] == r["runner_rows"]
+    assert r["rows_per_call"] == pytest.approx(r["runner_rows"] / r["runner_calls"])
+    assert r["frame_runner_ms"] > 0 and 0 <= r["overhead_share"] < 10
+    for key in ("rss_mb_before", "rss_mb_after"):
+        assert isinstance(r[key], float) and r[key] > 10
+    m = result["memory"]
+    assert m["failure_count"] == 0 and m["cycles"] > 0 and m["connections_open_after"] == 0
+    assert m["uploads"] == m["connections_total"] == m["cycles"] + m["warmup_cycles"]
+    assert all(isinstance(m[k], float) and m[k] > 10 for k in ("rss_mb_start", "rss_mb_after_warmup", "rss_mb_after_cycles"))
+    assert "p95 ms" in run.stdout and "memory:" in run.stdout
+    meta = result["meta"]
+    assert meta["cpu_count"] >= 1 and meta["torch"] and "--smoke" in meta["argv"]
+    # the server subprocess was stopped and reaped (and logged no traceback)
+    server = result["server"]
+    assert server["exit_code"] is not None and "Traceback" not in server["stderr_tail"]
+    pid = server["pid"]
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        cmdline = b""
+    assert b"serve" not in cmdline, f"the server (pid {pid}) still runs"
