@@ -25,8 +25,8 @@ runner time. Then a memory check: --cycles connect / upload / disconnect cycles 
 
 The clients run in this process, on the same CPU cores as the server: on a 2-core machine
 they take a share of it (see the client CPU column), so the numbers are those a browser on the
-same machine would see, not the server's alone. --server-threads sets the server's CPU
-threads (OMP_NUM_THREADS), to compare with torch's default (all cores).
+same machine would see, not the server's alone. --threads sets the server's CPU threads per
+runner call (``dbae serve --threads``; its default is half the cores), to compare.
 
 Each phase checks its accounting (``checks`` in the JSON): edits sent = edit frames received +
 coalesced edits (every edit is rendered or folded into a newer one), the server's edit frames
@@ -502,8 +502,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--classifier", type=Path, help="the server's --classifier (default: the shapes models' automatic one)")
     p.add_argument("--no-auto-classifier", action="store_true",
                    help="the server fits no classifier: clients drag the interpolation alpha instead of sliders")
-    p.add_argument("--server-threads", type=int,
-                   help="the server's CPU threads per runner call (OMP_NUM_THREADS / MKL_NUM_THREADS; default: torch's)")
+    p.add_argument("--threads", type=int, help="the server's --threads (CPU threads per runner call; default its own)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a connection or a first frame")
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to wait for the frame of a client's last edit")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for the server to start")
@@ -514,15 +513,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.clients, args.seconds, args.cycles, args.warmup_cycles = [1], 1.0, 10, 2
     if any(n < 1 for n in args.clients) or args.seconds <= 0 or args.interval_ms <= 0 or args.cycles < 0 \
             or args.warmup_cycles < 0 or args.max_batch < 1 \
-            or (args.server_threads is not None and args.server_threads < 1):  # fmt: skip
-        p.error("--clients and --max-batch must be >= 1, --seconds and --interval-ms > 0, cycles >= 0")
+            or (args.threads is not None and args.threads < 1):  # fmt: skip
+        p.error("--clients, --max-batch and --threads must be >= 1, --seconds and --interval-ms > 0, cycles >= 0")
     return args
 
 
 def server_command(args: argparse.Namespace) -> list[str]:
     options = ["--max-batch", str(args.max_batch), "--device", args.device]
     for flag, value in (("--steps", args.steps), ("--sampler", args.sampler), ("--runner", args.runner),
-                        ("--classifier", args.classifier)):  # fmt: skip
+                        ("--classifier", args.classifier), ("--threads", args.threads)):  # fmt: skip
         if value is not None:
             options += [flag, str(value)]
     if args.no_auto_classifier:
@@ -545,10 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     return_code = 1
     try:
-        env = None
-        if args.server_threads:
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads), "MKL_NUM_THREADS": str(args.server_threads)}
-        server = ServeProcess(server_command(args), env)
+        server = ServeProcess(server_command(args))
         server.wait_ready(args.start_timeout)
         print(f"server pid {server.pid} at {server.url} (started in {server.startup_s:.1f} s, max batch "
               f"{args.max_batch})", flush=True)  # fmt: skip
