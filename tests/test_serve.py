@@ -290,6 +290,33 @@ def test_upload_gives_the_input_then_the_models_reconstruction(client, ref, enco
     assert t["batch"] == 1 and t["steps"] == STEPS and t["decode_ms"] > 0 and t["encode_ms"] > 0
 
 
+def test_the_studio_serves_the_onnxruntime_runner_unchanged(loaded, trained_tiny):
+    """Another runtime behind the same studio: the frames are that runner's output, and
+    within float rounding of eager PyTorch's."""
+    pytest.importorskip("onnxruntime")
+    threads = torch.get_num_threads()
+    s = make_studio(loaded, ckpt=str(trained_tiny), runner="onnxruntime", steps=2, auto=False,
+                    log=lambda line: None)  # fmt: skip
+    try:
+        assert s.renderer.name == "onnxruntime-cpu" and s.hello()["runner"] == "onnxruntime-cpu"
+        ort = s.renderer.runner(DecodeSetting(2, "euler"))
+        eager = factory("eager", loaded.model, "fp32")(DecodeSetting(2, "euler"))
+        array = noise(SIZE, SIZE, seed=4)
+        x = pil_to_tensor(Image.fromarray(array))[None]
+        with TestClient(create_app(s)) as c, connect(c) as ws:
+            upload(ws, png(array), seq=1)
+            receive(ws)
+            recon = receive(ws)
+            out = edit(ws, seq=2, scales=[])
+        assert recon["kind"] == "recon" and out["kind"] == "edit"
+        np.testing.assert_array_equal(recon["image"], render(ort, ort.encode(x))[0])
+        np.testing.assert_array_equal(out["image"], recon["image"])  # no sliders, alpha 0: z itself
+        assert diff(recon["image"], render(eager, eager.encode(x))[0]).max() <= 1
+    finally:
+        s.renderer.close()
+        torch.set_num_threads(threads)
+
+
 def test_an_image_of_another_size_is_resized_and_centre_cropped(client, ref):
     array = noise(30, 40, seed=2)  # 40 wide, 30 high
     expected_input = np.asarray(resize_square(Image.fromarray(array), SIZE, center_crop=True))
