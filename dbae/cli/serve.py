@@ -11,11 +11,12 @@ from ..errors import ConfigError, DataError
 from ..export.registry import KINDS
 from ..export.runner import MAX_STEPS, MIN_STEPS
 from ..sampling import SAMPLERS
+from ..serve.studio import DEFAULT_MAX_UPLOAD_BYTES
 from .common import add_checkpoint_arguments, add_image_limit_argument, open_model
 
 HELP = "edit images in the browser in real time: a local web app over the deployment runners"
 
-DEFAULT_MAX_UPLOAD_MB = 10.0
+DEFAULT_MAX_UPLOAD_MB = DEFAULT_MAX_UPLOAD_BYTES / 1e6
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
