@@ -2,7 +2,7 @@
 
 Paper presets (SPEC section 9, the paper's Table 6): ``celeba64``, ``ffhq128``,
 ``horse128``, ``bedroom128``. Tiny CPU presets: ``shapes16`` (the README's quick start, a few
-minutes), ``shapes32`` (a larger CPU model, about half an hour) and ``tiny16`` (unit tests).
+minutes), ``shapes32`` (a larger CPU model, about an hour on 2 cores) and ``tiny16`` (unit tests).
 """
 
 from __future__ import annotations
