@@ -20,12 +20,11 @@ from PIL import Image
 from dbae.apps.attributes import (
     BINARY,
     AttributeLabels,
-    encode_all,
+    encode_shapes,
     fit_classifier,
     load_classifier,
     read_attribute_file,
     save_classifier,
-    shapes_images,
     shapes_labels,
 )
 from dbae.apps.interpolate import interpolate, interpolate_latents
@@ -56,17 +55,11 @@ def model(trained_shapes):
 
 @pytest.fixture(scope="module")
 def factor_classifier(model):
-    z, factors = [], []
-    for x, f in shapes_images(16, 1000, seed=0, split="train"):
-        z.append(encode_all(model, [x]))
-        factors.append(f)
-    zv, fv = [], []
-    for x, f in shapes_images(16, 300, seed=0, split="test"):
-        zv.append(encode_all(model, [x]))
-        fv.append(f)
-    labels, labels_val = shapes_labels(torch.cat(factors)), shapes_labels(torch.cat(fv))
+    z, factors = encode_shapes(model, 1000, seed=0, split="train")
+    zv, fv = encode_shapes(model, 300, seed=0, split="test")
+    labels, labels_val = shapes_labels(factors), shapes_labels(fv)
     keep = ["background", "size", "colour=red"]
-    return fit_classifier(torch.cat(z), labels.select(keep), z_val=torch.cat(zv), labels_val=labels_val.select(keep))
+    return fit_classifier(z, labels.select(keep), z_val=zv, labels_val=labels_val.select(keep))
 
 
 def test_interpolate_latents_is_linear_with_both_ends():

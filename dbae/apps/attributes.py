@@ -167,6 +167,17 @@ def encode_all(model: DBAE, batches: Iterable[Tensor]) -> Tensor:
     return torch.cat(out)
 
 
+def encode_shapes(model: DBAE, n: int, seed: int, split: str, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """(z (n, d), factors (n, k)) of the first ``n`` items of a shapes split, encoded in
+    batches of ``batch_size`` (:func:`shapes_images`, :func:`encode_all`)."""
+    size = model.config.image_size
+    zs, factors = [], []
+    for x, f in shapes_images(size, n, seed, split, batch_size):
+        zs.append(encode_all(model, [x]))
+        factors.append(f)
+    return torch.cat(zs), torch.cat(factors)
+
+
 # ----- the classifier -----
 @dataclass
 class AttributeClassifier:

@@ -30,6 +30,7 @@ from ..apps.attributes import (
     AttributeLabels,
     attribute_file_images,
     encode_all,
+    encode_shapes,
     read_attribute_file,
     shapes_binary_labels,
     shapes_images,
@@ -129,13 +130,9 @@ def labelled_latents(args: argparse.Namespace, loaded: Loaded, *, binarise: bool
             raise DataError("--images is for --attributes; the built-in shapes need no images")
         parts = []
         for split_name, n in (("train", args.n_train), ("test", args.n_test)):
-            zs, fs = [], []
-            for images, factors in shapes_images(size, n, args.seed, split_name):
-                zs.append(encode_all(model, [images]))
-                fs.append(factors)
-            factors = torch.cat(fs)
+            z, factors = encode_shapes(model, n, args.seed, split_name)
             labels = shapes_binary_labels(factors) if binarise else shapes_labels(factors)
-            parts.append((torch.cat(zs), labels))
+            parts.append((z, labels))
         (z_train, train), (z_test, test) = parts
         source = f"shapes (seed {args.seed}; train split {args.n_train}, test split {args.n_test})"
     if args.attrs:

@@ -9,18 +9,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ..apps.attributes import FORMAT as CLASSIFIER_FORMAT
 from ..apps.attributes import (
     BINARY,
     AttributeLabels,
     attribute_file_images,
     encode_all,
+    encode_shapes,
     fit_classifier,
     read_attribute_file,
     save_classifier,
-    shapes_images,
     shapes_labels,
 )
 from ..errors import DataError
@@ -71,15 +69,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset == "shapes":
         if args.n < 2 or args.n_val < 2:
             raise DataError("--n and --n-val must be at least 2")
-        train_f, val_f, zs, zvs = [], [], [], []
-        for x, f in shapes_images(size, args.n, args.seed, "train", args.batch_size):
-            zs.append(encode_all(model, [x]))
-            train_f.append(f)
-        for x, f in shapes_images(size, args.n_val, args.seed, "test", args.batch_size):
-            zvs.append(encode_all(model, [x]))
-            val_f.append(f)
-        z, z_val = torch.cat(zs), torch.cat(zvs)
-        labels, labels_val = shapes_labels(torch.cat(train_f)), shapes_labels(torch.cat(val_f))
+        z, train_f = encode_shapes(model, args.n, args.seed, "train", args.batch_size)
+        z_val, val_f = encode_shapes(model, args.n_val, args.seed, "test", args.batch_size)
+        labels, labels_val = shapes_labels(train_f), shapes_labels(val_f)
         source = {"data": "shapes", "seed": args.seed, "train_images": args.n, "val_images": args.n_val}
     else:
         if args.image_dir is None:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..apps.attributes import AttributeClassifier, encode_all, fit_classifier, load_classifier, shapes_images, shapes_labels
+from ..apps.attributes import AttributeClassifier, encode_shapes, fit_classifier, load_classifier, shapes_labels
 from ..errors import ConfigError
 from ..export.runner import DecodeSetting
 from ..inference import LoadedModel
@@ -26,16 +26,9 @@ AUTO_CLASSIFIER_TRAIN, AUTO_CLASSIFIER_VAL = 500, 100
 def auto_classifier(loaded: LoadedModel, n: int = AUTO_CLASSIFIER_TRAIN, n_val: int = AUTO_CLASSIFIER_VAL) -> AttributeClassifier:
     """What ``dbae train-classifier --dataset shapes`` fits, on fewer images (seconds on a CPU):
     every shapes attribute, on the model's normalized z. Kept in memory only."""
-    model, size = loaded.model, loaded.model.config.image_size
-    z, f, zv, fv = [], [], [], []
-    for x, factors in shapes_images(size, n, 0, "train"):
-        z.append(encode_all(model, [x]))
-        f.append(factors)
-    for x, factors in shapes_images(size, n_val, 0, "test"):
-        zv.append(encode_all(model, [x]))
-        fv.append(factors)
-    clf = fit_classifier(torch.cat(z), shapes_labels(torch.cat(f)), z_val=torch.cat(zv),
-                         labels_val=shapes_labels(torch.cat(fv)))  # fmt: skip
+    z, factors = encode_shapes(loaded.model, n, 0, "train")
+    z_val, factors_val = encode_shapes(loaded.model, n_val, 0, "test")
+    clf = fit_classifier(z, shapes_labels(factors), z_val=z_val, labels_val=shapes_labels(factors_val))
     clf.source = {"checkpoint": str(loaded.path), "step": loaded.step, "data": "shapes", "train_images": n,
                   "val_images": n_val, "made_by": "dbae serve (not saved)"}  # fmt: skip
     return clf

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..apps.attributes import BINARY, CONTINUOUS, encode_all, shapes_binary_labels, shapes_images, shapes_labels
+from ..apps.attributes import BINARY, CONTINUOUS, encode_shapes, shapes_binary_labels, shapes_labels
 from ..baselines.checkpoints import Loaded, LoadedBaseline
 from ..baselines.reconstruction import reconstruct_baseline
 from ..metrics import summarize
@@ -95,12 +95,9 @@ def reconstructions(name: str, label: str, loaded: Loaded, x: Tensor, cfg: Study
 
 def shapes_representation(loaded: Loaded, cfg: StudyConfig) -> dict[str, Any]:
     """Probe and TAD of the encoder's z on the shapes factors (module docstring)."""
-    size = loaded.model.config.image_size
     z, factors = {}, {}
     for split, n in (("train", cfg.probe_train), ("test", cfg.probe_test)):
-        parts = list(shapes_images(size, n, cfg.seed, split))
-        z[split] = encode_all(loaded.model, [images for images, _ in parts])  # type: ignore[arg-type]
-        factors[split] = torch.cat([f for _, f in parts])
+        z[split], factors[split] = encode_shapes(loaded.model, n, cfg.seed, split)
     y_tr, y_te = shapes_labels(factors["train"]), shapes_labels(factors["test"])
     binary = [i for i, k in enumerate(y_tr.kinds) if k == BINARY]
     cont = [i for i, k in enumerate(y_tr.kinds) if k == CONTINUOUS]
