@@ -28,7 +28,7 @@ import torch
 
 from dbae.config import ModelConfig
 from dbae.errors import ConfigError, DataError
-from dbae.training.checkpoint import atomic_write
+from dbae.checkpoints import atomic_write
 
 from .manifest import PRECISIONS, GraphInfo, read_manifest
 from .onnxruntime_runner import resolve_setting

@@ -33,8 +33,9 @@ from dbae.apps.measure import measure_shapes
 from dbae.cli.main import main
 from dbae.data.shapes import ShapesDataset, factor_index, render
 from dbae.errors import CheckpointError, DataError
-from dbae.inference import load_model, resolve_checkpoint
-from dbae.training.checkpoint import load_checkpoint, save_checkpoint
+from dbae.checkpoints import resolve_checkpoint
+from dbae.inference import load_model
+from dbae.checkpoints import load_checkpoint, save_checkpoint
 
 #: "most" test images: at least this fraction must behave (measured: 100% for both)
 MOST = 0.8

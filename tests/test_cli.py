@@ -239,7 +239,7 @@ def test_a_folder_given_as_an_output_file_is_refused(capsys, trained_tiny, tmp_p
 
 
 def test_outputs_never_replace_a_checkpoint(capsys, trained_tiny, tmp_path):
-    from dbae.inference import resolve_checkpoint
+    from dbae.checkpoints import resolve_checkpoint
 
     ckpt = tmp_path / "precious.safetensors"
     ckpt.write_bytes(resolve_checkpoint(trained_tiny).read_bytes())
@@ -324,7 +324,7 @@ def test_other_kinds_names_every_file_format_of_the_package():
     from dbae.baselines.train import FORMAT as DIFFAE
     from dbae.prior.checkpoint import FORMAT as PRIOR
     from dbae.prior.latents import FORMAT as LATENTS
-    from dbae.training.checkpoint import OTHER_KINDS
+    from dbae.checkpoints import OTHER_KINDS
 
     assert set(OTHER_KINDS) == {DIFFAE, PDAE, PRIOR, LATENTS, CLASSIFIER}
 

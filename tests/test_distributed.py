@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from dbae.cli.main import main
 from dbae.config import get_preset
 from dbae.training import TrainOptions, Trainer, override
-from dbae.training.checkpoint import list_checkpoints
+from dbae.checkpoints import list_checkpoints
 from dbae.training.metrics_log import read_metrics
 
 pytestmark = pytest.mark.skipif(

@@ -39,7 +39,7 @@ from dbae.export.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
 from dbae.export.runner import DecodeSetting  # noqa: E402
 from dbae.export.torch_runners import EagerRunner  # noqa: E402
 from dbae.model import DBAE  # noqa: E402
-from dbae.training.checkpoint import save_checkpoint  # noqa: E402
+from dbae.checkpoints import save_checkpoint  # noqa: E402
 
 FP32_TOL = 1e-4
 FP16_TOL = 1e-2

@@ -19,8 +19,8 @@ from dbae.cli.main import main
 from dbae.config import get_preset
 from dbae.errors import CheckpointError
 from dbae.training import TrainOptions, Trainer, override
-from dbae.training.checkpoint import latest_valid_checkpoint, list_checkpoints, read_metadata, verify_checkpoint
-from dbae.training.manifest import read_manifest
+from dbae.checkpoints import latest_valid_checkpoint, list_checkpoints, read_metadata, verify_checkpoint
+from dbae.checkpoints.manifest import read_manifest
 from dbae.training.metrics_log import read_metrics
 
 

@@ -19,14 +19,14 @@ from dbae.cli.main import main
 from dbae.config import get_preset
 from dbae.errors import CheckpointError
 from dbae.inference import load_model
-from dbae.integrity import METADATA_KEY, TENSORS_KEY, read_header, read_safetensors, tensors_sha256
+from dbae.checkpoints.integrity import METADATA_KEY, TENSORS_KEY, read_header, read_safetensors, tensors_sha256
 from dbae.prior.config import get_prior_preset
 from dbae.prior.checkpoint import load_prior, save_prior
 from dbae.prior.identity import AutoencoderRef
 from dbae.prior.latents import LatentInfo, LatentSet, load_latents, save_latents
 from dbae.prior.network import MLPSkipNet
 from dbae.training import TrainOptions, Trainer, override
-from dbae.training.checkpoint import load_checkpoint, write_weights_file
+from dbae.checkpoints import load_checkpoint, write_weights_file
 
 
 def _data_offset(raw: bytes) -> int:

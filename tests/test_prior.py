@@ -41,7 +41,8 @@ from safetensors.torch import load_file
 from dbae.cli.main import main
 from dbae.data import ShapesDataset
 from dbae.errors import CheckpointError, ConfigError, DBAEError
-from dbae.inference import load_model, resolve_checkpoint
+from dbae.checkpoints import resolve_checkpoint
+from dbae.inference import load_model
 from dbae.prior import (
     AutoencoderRef,
     LatentDiffusion,
@@ -61,7 +62,7 @@ from dbae.prior import (
     save_latents,
     train_prior,
 )
-from dbae.training.checkpoint import load_checkpoint, save_checkpoint
+from dbae.checkpoints import load_checkpoint, save_checkpoint
 
 #: latents the test prior is trained on (the first items of the training split)
 N_TRAIN = 1000

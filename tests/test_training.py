@@ -14,7 +14,7 @@ from dbae.errors import CheckpointError, ConfigError, TrainingDiverged
 from dbae.inference import load_model
 from dbae.model import DBAE
 from dbae.training import TrainOptions, Trainer, load_checkpoint, override
-from dbae.training.checkpoint import latest_valid_checkpoint, list_checkpoints, load_state_strict, save_checkpoint
+from dbae.checkpoints import latest_valid_checkpoint, list_checkpoints, load_state_strict, save_checkpoint
 from dbae.training.metrics_log import read_metrics
 
 
@@ -159,7 +159,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
 
 def test_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
     """A failure while writing never leaves a file under a checkpoint's name."""
-    import dbae.integrity as ck
+    import dbae.checkpoints.integrity as ck
 
     def failing_save(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")

@@ -34,8 +34,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..imageio import load_images
 from ..model import DBAE
 from ..prior.identity import AutoencoderRef, check_same_autoencoder
-from ..integrity import write_safetensors
-from ..training.checkpoint import read_tagged_safetensors
+from ..checkpoints import read_tagged_safetensors, write_safetensors
 
 Tensor = torch.Tensor
 

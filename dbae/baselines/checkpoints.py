@@ -1,7 +1,7 @@
 """Checkpoints of any of the three methods: which method a file belongs to (its safetensors
 ``format`` tag), the newest checkpoint of a run directory, and loading one for evaluation.
 
-Formats: ``dbae-checkpoint/1`` (DBAE, :mod:`dbae.training.checkpoint`),
+Formats: ``dbae-checkpoint/1`` (DBAE, :mod:`dbae.checkpoints`),
 ``dbae-diffae-checkpoint/1`` (:mod:`.train`) and ``dbae-pdae-checkpoint/1`` (:mod:`.pdae_train`).
 DBAE checkpoints and run directories go through :func:`dbae.inference.load_model` unchanged
 (manifest checks included); the baselines' through their own readers.
@@ -16,10 +16,10 @@ from typing import Callable, Literal, Union
 import torch
 
 from ..errors import CheckpointError
-from ..inference import LoadedModel, load_model, resolve_checkpoint
-from ..integrity import read_header
-from ..training.checkpoint import FORMAT as DBAE_FORMAT
-from ..training.checkpoint import list_checkpoints, read_tagged_safetensors
+from ..checkpoints import resolve_checkpoint
+from ..inference import LoadedModel, load_model
+from ..checkpoints import list_checkpoints, read_header, read_tagged_safetensors
+from ..checkpoints import FORMAT as DBAE_FORMAT
 from .ddim_autoencoder import DDIMAutoencoder
 from .pdae_train import FORMAT as PDAE_FORMAT
 from .pdae_train import load_pdae

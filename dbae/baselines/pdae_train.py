@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import CheckpointError, ConfigError
-from ..training.checkpoint import (
+from ..checkpoints import (
     load_state_strict,
     read_tagged_safetensors,
     split_weights,

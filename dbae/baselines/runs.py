@@ -35,7 +35,7 @@ from ..config import to_dict
 from ..data import build_dataset
 from ..errors import CheckpointError, ConfigError
 from ..metrics import summarize
-from ..training.checkpoint import atomic_write_text, latest_valid_checkpoint, list_checkpoints
+from ..checkpoints import atomic_write_text, latest_valid_checkpoint, list_checkpoints
 from ..training.trainer import resolve_device
 from .checkpoints import LABELS, Method, checkpoint_method, find_checkpoint, run_method
 from .config import DiffAEPreset

@@ -6,7 +6,7 @@ resumed run) is a pure function of the preset and the data. Adam or RAdam, gradi
 clipping, an EMA copy of the weights (DiffAE samples from the EMA model).
 
 Checkpoints (``<out>/checkpoints/step-XXXXXXXX.safetensors``) are safetensors files written
-atomically (:func:`dbae.training.checkpoint.atomic_write`), never pickle: tensors ``model.*``,
+atomically (:func:`dbae.checkpoints.atomic_write`), never pickle: tensors ``model.*``,
 ``ema.*``, ``optim.<i>.<key>``; metadata ``format`` (:data:`FORMAT`), ``preset`` (the typed
 DiffAE preset as JSON), ``step`` and ``optim`` (the optimizer's non-tensor state as JSON).
 """
@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from ..data.shapes import ShapesDataset
 from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from ..training.batches import StepBatchSampler, step_seed
-from ..training.checkpoint import (
+from ..checkpoints import (
     checkpoint_name,
     load_state_strict,
     read_tagged_safetensors,

@@ -12,9 +12,9 @@ from ..data import ShapesDataset
 from ..errors import CheckpointError, DataError
 from ..imageio import DEFAULT_MAX_IMAGE_PIXELS, MIN_GRID_CELL, file_in_the_way, load_images, set_max_image_pixels
 from ..inference import LoadedModel, load_model
-from ..integrity import read_header
+from ..checkpoints import read_header
 from ..sampling import SAMPLERS
-from ..training.checkpoint import FORMAT, OTHER_KINDS, atomic_write_text
+from ..checkpoints import FORMAT, OTHER_KINDS, atomic_write_text
 from ..training.trainer import resolve_device
 
 

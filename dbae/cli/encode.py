@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..integrity import write_safetensors
-from ..training.checkpoint import atomic_write
+from ..checkpoints import atomic_write, write_safetensors
 from .common import (
     add_checkpoint_arguments,
     add_input_arguments,

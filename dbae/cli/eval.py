@@ -45,7 +45,7 @@ from ..metrics.features import extract, load_feature_extractor
 from ..metrics.fid import fid, inception_score, precision_recall
 from ..metrics.lpips import load_lpips
 from ..metrics.probe import classification_probe, regression_probe
-from ..training.checkpoint import atomic_write_text
+from ..checkpoints import atomic_write_text
 from ..training.trainer import resolve_device
 from . import eval_baselines
 from .common import (

@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export.onnx_export import checkpoint_info, export_onnx, require_onnx
     from ..export.runner import DecodeSetting
-    from ..inference import load_model, resolve_checkpoint
+    from ..checkpoints import resolve_checkpoint
+    from ..inference import load_model
 
     check_out_dir(args.out)
     settings = [DecodeSetting(k, args.sampler) for k in dict.fromkeys(args.steps)]  # ConfigError for K outside 1..10

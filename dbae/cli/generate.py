@@ -14,7 +14,7 @@ from ..imageio import save_grid, save_image, to_uint8
 from ..prior.checkpoint import default_prior_dir, load_prior
 from ..prior.generate import check_prior_fits, generate
 from ..prior.identity import AutoencoderRef
-from ..training.checkpoint import atomic_write, atomic_write_text
+from ..checkpoints import atomic_write, atomic_write_text
 from .common import (
     add_checkpoint_arguments,
     add_sampler_arguments,

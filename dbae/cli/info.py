@@ -8,8 +8,7 @@ import torch
 
 from ..config import PRESETS, dumps, get_preset
 from ..model import DBAE
-from ..training.checkpoint import load_checkpoint
-from ..inference import resolve_checkpoint
+from ..checkpoints import load_checkpoint, resolve_checkpoint
 
 HELP = "print the configuration and parameter counts of a checkpoint or preset"
 

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..integrity import write_safetensors
-from ..training.checkpoint import atomic_write_text, load_state_strict, read_tagged_safetensors
+from ..checkpoints import atomic_write_text, load_state_strict, read_tagged_safetensors, write_safetensors
 from .config import PriorPreset, prior_from_dict, prior_to_dict
 from .ddim import LatentDiffusion
 from .identity import AutoencoderRef

@@ -67,8 +67,7 @@ def identify_checkpoint(path: str | Path, *, ema: bool = True) -> AutoencoderRef
     """The identity of autoencoder checkpoint ``path`` (a file, or a run directory: its
     newest checkpoint), read from its header and bytes without building the model."""
     from ..config import preset_from_dict
-    from ..inference import resolve_checkpoint
-    from ..training.checkpoint import read_metadata
+    from ..checkpoints import read_metadata, resolve_checkpoint
 
     path = resolve_checkpoint(path)
     meta = read_metadata(path)

@@ -20,8 +20,7 @@ from torch.utils.data import Dataset
 
 from ..errors import CheckpointError, DataError
 from ..model import DBAE
-from ..integrity import write_safetensors
-from ..training.checkpoint import atomic_write_text, read_tagged_safetensors
+from ..checkpoints import atomic_write_text, read_tagged_safetensors, write_safetensors
 from .identity import AutoencoderRef
 
 FORMAT = "dbae-latents/1"

@@ -22,7 +22,7 @@ from ..baselines.runs import RunOptions, run_diffae, run_pdae
 from ..config import Preset, get_preset
 from ..errors import ConfigError
 from ..training import TrainOptions, override, train
-from ..training.checkpoint import atomic_write_text, list_checkpoints
+from ..checkpoints import atomic_write_text, list_checkpoints
 from .config import LABELS, StudyConfig
 
 

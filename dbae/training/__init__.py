@@ -1,6 +1,6 @@
 """Training: the loop, EMA, checkpoints and metrics log."""
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .trainer import TrainOptions, TrainResult, Trainer, override, train
 

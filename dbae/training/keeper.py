@@ -7,7 +7,7 @@ the best one, and pick the one to resume from.
 - ``best.safetensors``: the state with the lowest evaluation MSE so far (EMA reconstructions
   of the held-out images), never deleted by ``keep_last``; its metadata ``best_metric`` and
   ``best_value`` say which and how good, ``step`` when;
-- ``manifest.json``: the sha256 of each (:mod:`dbae.training.manifest`).
+- ``manifest.json``: the sha256 of each (:mod:`dbae.checkpoints.manifest`).
 
 Only one process (rank 0) writes here.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CheckpointError
-from . import manifest
-from .checkpoint import (
+from ..checkpoints import manifest
+from ..checkpoints import (
     checkpoint_name,
     latest_valid_checkpoint,
     list_checkpoints,

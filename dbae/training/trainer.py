@@ -38,7 +38,7 @@ from ..imageio import save_grid
 from ..metrics import summarize
 from ..model import DBAE, TC_NEEDS_STOCHASTIC, LossNoise, fused_training
 from .batches import StepBatchSampler, step_seed
-from .checkpoint import atomic_write_text, checkpoint_name, load_checkpoint, load_state_strict, read_metadata
+from ..checkpoints import atomic_write_text, checkpoint_name, load_checkpoint, load_state_strict, read_metadata
 from .distributed import DistContext, all_ranks
 from .ema import EMA
 from .keeper import CheckpointKeeper

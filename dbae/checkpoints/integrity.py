@@ -15,7 +15,7 @@ So a file checks itself wherever it is copied. Every read goes through
 :func:`read_safetensors`, which
 
 1. checks the file against ``manifest.json`` when the folder holding it has one that lists
-   it (the trainers' checkpoint folders: :mod:`dbae.training.manifest`), size then sha256;
+   it (the trainers' checkpoint folders: :mod:`dbae.checkpoints.manifest`), size then sha256;
 2. reads it (a truncated file or a header that no longer parses is an error);
 3. recomputes both digests and compares them with the embedded ones.
 
@@ -37,7 +37,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from .atomic import atomic_write
+from . import manifest
 
 #: metadata key of the sha256 of the tensor data
 TENSORS_KEY = "dbae_sha256_tensors"
@@ -90,10 +92,8 @@ def write_safetensors(
     before_replace: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``tensors`` (moved to the CPU, made contiguous) and ``metadata`` with their
-    digests, atomically (:func:`dbae.training.checkpoint.atomic_write`; ``before_replace``
+    digests, atomically (:func:`dbae.checkpoints.atomic.atomic_write`; ``before_replace``
     runs on the finished temporary file, e.g. to record it in a manifest)."""
-    from .training.checkpoint import atomic_write
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = with_digests(tensors, metadata)
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta), before_replace)
@@ -106,12 +106,10 @@ def _stamp(path: Path) -> tuple[int, int, int, int]:
 
 
 def _check_manifest(path: Path) -> bool:
-    """:func:`dbae.training.manifest.verify` (True: the manifest beside ``path`` lists it and
+    """:func:`dbae.checkpoints.manifest.verify` (True: the manifest beside ``path`` lists it and
     its size and sha256 match; False: no entry; CheckpointError: they differ)."""
-    from .training.manifest import verify
-
     try:
-        return verify(path)
+        return manifest.verify(path)
     except OSError as exc:
         raise _corrupt(path, exc) from None
 

@@ -7,21 +7,18 @@ One file per checkpoint, ``<run>/checkpoints/step-00001000.safetensors``, holdin
 - metadata (strings): ``format``, ``preset`` (the full typed config as JSON), ``step``,
   ``optim`` (the optimizer's non-tensor state as JSON), ``scaler`` (AMP loss-scaler state).
 
-A file is first written to a temporary name in the same directory, flushed to disk and
-then renamed over the final name, so a crash can never leave a half-written checkpoint
-under a checkpoint's name. Every file carries the sha256 of its tensor data and of its
-metadata in its header (:mod:`dbae.integrity`), checked on every load; the trainer also
-records every checkpoint's sha256 in ``checkpoints/manifest.json``
-(:mod:`dbae.training.manifest`) before that rename, checked on every load too, and
-:func:`latest_valid_checkpoint` skips a file that fails either check.
+Files are written atomically (:mod:`dbae.checkpoints.atomic`), so a crash can never leave a
+half-written checkpoint under a checkpoint's name. Every file carries the sha256 of its
+tensor data and of its metadata in its header (:mod:`dbae.checkpoints.integrity`), checked on
+every load; the trainer also records every checkpoint's sha256 in
+``checkpoints/manifest.json`` (:mod:`dbae.checkpoints.manifest`) before that rename, checked
+on every load too, and :func:`latest_valid_checkpoint` skips a file that fails either check.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +27,7 @@ import torch
 
 from ..config import Preset, dumps, preset_from_dict
 from ..errors import CheckpointError, ConfigError
-from ..integrity import read_header, read_safetensors, write_safetensors
+from .integrity import read_header, read_safetensors, write_safetensors
 
 FORMAT = "dbae-checkpoint/1"
 #: the package's other safetensors files (their ``format`` tag; the constants live in modules that import this
@@ -58,66 +55,6 @@ class Checkpoint:
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.safetensors"
-
-
-#: suffix of the temporary files of :func:`atomic_write` (hidden: named ``.<final name>.<random>.tmp``)
-PARTIAL_SUFFIX = ".tmp"
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write, before_replace: Callable[[str], None] | None = None) -> None:
-    """Call ``write(tmp_path)`` then atomically move the result to ``path``.
-
-    ``before_replace(tmp_path)`` runs on the finished, flushed temporary file just before
-    the rename (the trainer records the file's hash in the manifest there)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def remove_partial_files(directory: Path) -> list[Path]:
-    """Delete the temporary files that a killed process left in ``directory`` mid-write
-    (never under a final name); returns them."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(PARTIAL_SUFFIX)]
-    for p in found:
-        p.unlink(missing_ok=True)
-    return found
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-
-    atomic_write(path, write)
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -204,7 +141,7 @@ def read_tagged_safetensors(path: Path, file_format: str, what: str) -> tuple[di
     """(metadata, tensors) of a safetensors file whose metadata ``format`` is ``file_format``.
 
     CheckpointError when the file is of another format (``what`` names the kind of file in
-    the message, e.g. "dbae prior"), or fails a check of :func:`dbae.integrity.read_safetensors`
+    the message, e.g. "dbae prior"), or fails a check of :func:`dbae.checkpoints.integrity.read_safetensors`
     (corrupt, truncated, not safetensors, its bytes differ from its own sha256 or from its
     folder's manifest).
     """
@@ -232,7 +169,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def load_checkpoint(path: Path, *, with_optimizer: bool = True) -> Checkpoint:
-    """A DBAE checkpoint, after every check of :func:`dbae.integrity.read_safetensors`."""
+    """A DBAE checkpoint, after every check of :func:`dbae.checkpoints.integrity.read_safetensors`."""
     path = Path(path)
     read_metadata(path)  # another kind of file is named as such before it is read in full
     meta, tensors = read_safetensors(path)
@@ -263,7 +200,7 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 def verify_checkpoint(path: Path) -> None:
     """CheckpointError unless ``path`` is an intact DBAE checkpoint: it reads back in full,
     and its bytes match its own embedded sha256 and its run's manifest
-    (:func:`dbae.integrity.read_safetensors`; a file passed here is not hashed again when it
+    (:func:`dbae.checkpoints.integrity.read_safetensors`; a file passed here is not hashed again when it
     is loaded next in the same process)."""
     path = Path(path)
     read_metadata(path)
@@ -304,3 +241,33 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
             f"the {what} weights in {source} do not fit this model's configuration: " + "; ".join(parts)
         )
     module.load_state_dict(state)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (its newest readable checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        warnings: list[str] = []
+        errors: list[CheckpointError] = []  # why each newer checkpoint was passed over, newest first
+
+        def check(candidate: Path) -> None:
+            try:
+                verify_checkpoint(candidate)
+            except CheckpointError as exc:
+                errors.append(exc)
+                raise
+
+        found = latest_valid_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path,
+                                        warn=warnings.append, check=check)
+        if found is None:
+            if errors:  # the newest one's reason says what is wrong (e.g. a DiffAE run)
+                more = f" ({len(errors) - 1} older one(s) unusable too)" if len(errors) > 1 else ""
+                raise CheckpointError(f"no usable checkpoint in {path}: {errors[0]}{more}")
+            raise CheckpointError(f"no checkpoint in {path} (no step-*.safetensors files in it or in its "
+                                  "checkpoints/ folder)")
+        for line in warnings:
+            print(line)
+        return found
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    return path

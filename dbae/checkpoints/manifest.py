@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from .atomic import atomic_write_text
 
 MANIFEST = "manifest.json"
 FORMAT = "dbae-manifest/1"
@@ -41,8 +42,6 @@ def read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def _write(directory: Path, files: dict[str, dict[str, Any]]) -> None:
-    from .checkpoint import atomic_write_text
-
     text = json.dumps({"format": FORMAT, "files": dict(sorted(files.items()))}, indent=2) + "\n"
     atomic_write_text(Path(directory) / MANIFEST, text)
 
