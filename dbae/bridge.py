@@ -70,7 +70,7 @@ def _as64(t: float | Tensor) -> tuple[Tensor, torch.dtype]:
     if isinstance(t, Tensor):
         out_dtype = t.dtype if t.dtype.is_floating_point else torch.float64
         return t.to(torch.float64), out_dtype
-    return torch.tensor(float(t), dtype=torch.float64), torch.float64
+    return torch.tensor(float(t), dtype=torch.float64, device="cpu"), torch.float64
 
 
 class VPBridge:
@@ -79,8 +79,10 @@ class VPBridge:
     def __init__(self, config: BridgeConfig | None = None) -> None:
         self.config = config or BridgeConfig()
         c = self.config
-        self._logsnr_T = self._logsnr64(torch.tensor(c.T, dtype=torch.float64))
-        self._log_s_T = self._log_s64(torch.tensor(c.T, dtype=torch.float64))
+        # on the CPU even where a model is built under another default device (e.g. "meta")
+        T = torch.tensor(c.T, dtype=torch.float64, device="cpu")
+        self._logsnr_T = self._logsnr64(T)
+        self._log_s_T = self._log_s64(T)
 
     # ----- schedule (SPEC 2), float64 in, float64 out -----
     def _exponent64(self, t: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
 """Typed configuration of a DBAE model and its training run, with named presets.
 
 Paper presets (SPEC section 9, the paper's Table 6): ``celeba64``, ``ffhq128``,
-``horse128``, ``bedroom128``. Tiny CPU presets: ``shapes16`` (the README's quick start, a few
+``horse128``, ``bedroom128``. The networks of the authors' released checkpoints
+(``dbae import``): ``ffhq128-official``, ``ffhq128-official-d``, ``celeba64-official``,
+``celeba64-official-d`` (``-d``: the deterministic encoder, DBAE-d). Tiny CPU presets: ``shapes16`` (the README's quick start, a few
 minutes), ``shapes32`` (a larger CPU model, about an hour on 2 cores) and ``tiny16`` (unit tests).
 """
 
@@ -39,9 +41,17 @@ class EncoderConfig:
     num_res_blocks: int = 2
     attention_resolutions: tuple[int, ...] = (16,)
     num_head_channels: int = 64
+    #: a fixed number of heads for every attention block instead of ``width / num_head_channels``
+    #: (the official DBAE encoder, DiffAE's, uses 1 at every width)
+    num_heads: int | None = None
     num_groups: int = 32
     #: stochastic head (DBAE) outputs (m, l) for z = mu + sig eps; deterministic is DBAE-d
     stochastic: bool = True
+
+
+#: normalisations of the decoder: GroupNorm (ours), or a per-channel affine (the official
+#: decoder's BatchNorm in eval mode, its running statistics folded into scale and shift)
+DECODER_NORMS = ("group", "affine")
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,18 @@ class DecoderConfig:
 
     channels: tuple[int, ...] = (1024, 512, 256, 128, 128, 64)
     skip_excitation: bool = True
+    #: "group" (GroupNorm: each sample independent of its batch) or "affine" (the authors'
+    #: BatchNorm as it runs at inference, for their released weights)
+    norm: str = "group"
+    #: kernel size and bias of the last conv to the image channels (the authors': 1x1, no bias)
+    output_kernel: int = 3
+    output_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.norm not in DECODER_NORMS:
+            raise ConfigError(f"decoder.norm must be one of {', '.join(DECODER_NORMS)}, got {self.norm!r}")
+        if self.output_kernel not in (1, 3):
+            raise ConfigError(f"decoder.output_kernel must be 1 or 3, got {self.output_kernel!r}")
 
 
 @dataclass(frozen=True)
@@ -167,6 +189,44 @@ def _celeba64() -> Preset:
     return Preset("celeba64", model, TrainConfig(batch_size=128))
 
 
+#: the authors' released DBAE models (github.com/aailab-kaist/DBAE): preset name ->
+#: (image size, stochastic encoder). Their networks differ from the paper presets above in
+#: settings only: attention at sides 32, 16 and 8 in the U-Net, one attention head in the
+#: encoder, and the decoder's BatchNorm (run as in eval) and bias-free 1x1 output conv.
+OFFICIAL_DBAE = {
+    "ffhq128-official": (128, True),
+    "ffhq128-official-d": (128, False),
+    "celeba64-official": (64, True),
+    "celeba64-official-d": (64, False),
+}
+
+
+def official_dbae_model(image_size: int, stochastic: bool) -> ModelConfig:
+    """The network configuration of the authors' released FFHQ128 or CelebA64 model."""
+    if image_size == 128:
+        ch, mult, enc_mult = 128, (1, 1, 2, 3, 4), (1, 1, 2, 3, 4, 4)
+        dec = (1024, 512, 256, 128, 128, 64)
+    elif image_size == 64:
+        ch, mult, enc_mult = 64, (1, 2, 4, 8), (1, 2, 4, 8, 8)
+        dec = (1024, 512, 256, 128, 128)
+    else:
+        raise ConfigError(f"the authors released DBAE models at 64 and 128 pixels, not {image_size}")
+    return ModelConfig(
+        image_size=image_size,
+        z_dim=512,
+        unet=UNetConfig(base_channels=ch, channel_mult=mult, attention_resolutions=(32, 16, 8)),
+        encoder=EncoderConfig(
+            base_channels=ch, channel_mult=enc_mult, attention_resolutions=(16,), num_heads=1, stochastic=stochastic
+        ),
+        decoder=DecoderConfig(channels=dec, norm="affine", output_kernel=1, output_bias=False),
+    )
+
+
+def _official(name: str) -> Preset:
+    size, stochastic = OFFICIAL_DBAE[name]
+    return Preset(name, official_dbae_model(size, stochastic), TrainConfig(batch_size=128))
+
+
 def _shapes32() -> Preset:
     model = ModelConfig(
         image_size=32,
@@ -227,6 +287,7 @@ PRESETS: dict[str, Any] = {
     "ffhq128": lambda: _paper_128("ffhq128"),
     "horse128": lambda: _paper_128("horse128"),
     "bedroom128": lambda: _paper_128("bedroom128"),
+    **{name: (lambda name=name: _official(name)) for name in OFFICIAL_DBAE},
     "shapes32": _shapes32,
     "shapes16": _shapes16,
     "tiny16": _tiny16,

@@ -1,15 +1,20 @@
-"""Loading trained models for inference."""
+"""Loading trained models for inference: from a run directory, a checkpoint file of this
+package, or a released checkpoint of the authors (converted in memory)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import Preset
-from .model import DBAE
 from .checkpoints import load_checkpoint, load_state_strict, resolve_checkpoint
+from .checkpoints.foreign import is_torch_pickle
+from .checkpoints.imports import imported_record, read_foreign
+from .config import Preset
+from .errors import CheckpointError
+from .model import DBAE
 
 
 @dataclass
@@ -21,9 +26,26 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model of a checkpoint, in eval mode, with its EMA weights unless ``ema=False``."""
+    """The model of a checkpoint, in eval mode, with its EMA weights unless ``ema=False``.
+
+    ``path`` may also be a released checkpoint of the authors' code (``ema_0.9999_1020000.pt``):
+    it is converted in memory, with one line on stderr saying that ``dbae import`` converts
+    it once for good."""
     path = resolve_checkpoint(path)
+    if is_torch_pickle(path):
+        foreign = read_foreign(path)
+        if not ema:
+            raise CheckpointError(f"{path} holds EMA weights only (the authors save no others); drop --raw-weights")
+        print(f"note: converted {path.name} in memory ({foreign.provenance['recognised_as']}); "
+              f"`dbae import {path} --out RUN` converts it once and makes every later load faster", file=sys.stderr)
+        model = DBAE(foreign.preset.model)
+        load_state_strict(model, foreign.state, "EMA", path)
+        return LoadedModel(model.to(device).eval(), foreign.preset, foreign.step, path)
     ckpt = load_checkpoint(path, with_optimizer=False)
+    if not ema and not ckpt.model:
+        record = imported_record(ckpt.metadata)
+        origin = f" (imported from {record.get('source')})" if record else ""
+        raise CheckpointError(f"{path} holds EMA weights only{origin}; drop --raw-weights")
     model = DBAE(ckpt.preset.model)
     weights = ckpt.ema if ema and ckpt.ema else ckpt.model
     load_state_strict(model, weights, "EMA" if weights is ckpt.ema else "model", path)

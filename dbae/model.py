@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -94,8 +96,31 @@ class DBAE(nn.Module):
         self.encoder = Encoder(config.encoder, size, ch, zd)
         self.decoder = Decoder(config.decoder, size, ch, zd)
         self.unet = ScoreUNet(config.unet, size, ch, zd)
+        #: the bridge of training (the loss); sampling uses :attr:`sampling_bridge`
         self.bridge = VPBridge(config.bridge)
-        self.sampler = BridgeSampler(self.bridge)
+        self.set_sampling_sigma_T(None)
+
+    # ----- how it samples -----
+    @property
+    def sampling_sigma_T(self) -> float:
+        """The sigma_T of the preconditioning while sampling (SPEC 4)."""
+        return self.sampling_bridge.config.sigma_T
+
+    def set_sampling_sigma_T(self, sigma_T: float | None) -> None:
+        """Sample with the preconditioning of another sigma_T (None: the trained one, the
+        default). Only the preconditioning changes: the drift does not depend on sigma_T.
+
+        The authors' released DBAE scripts train with sigma_T = 0.5 but sample with 0 (their
+        ``end_data`` is never passed to the inference scripts), which changes c_in near t = T
+        by up to 35x; ``set_sampling_sigma_T(0.0)`` reproduces their reconstructions."""
+        if sigma_T is None:
+            sigma_T = self.config.bridge.sigma_T
+        if not (math.isfinite(sigma_T) and sigma_T >= 0.0):
+            raise ConfigError(f"the sampling sigma_T must be a finite number >= 0, got {sigma_T}")
+        same = sigma_T == self.config.bridge.sigma_T
+        #: the bridge of the preconditioning while sampling (the training bridge unless changed)
+        self.sampling_bridge = self.bridge if same else VPBridge(replace(self.config.bridge, sigma_T=sigma_T))
+        self.sampler = BridgeSampler(self.sampling_bridge)
 
     # ----- pieces -----
     def check_images(self, x: Tensor) -> None:
@@ -129,31 +154,40 @@ class DBAE(nn.Module):
         return self.decoder(z)
 
     def denoise(self, x_t: Tensor, t: Tensor | float, x_T: Tensor, z: Tensor) -> Tensor:
-        """Preconditioned denoiser D = c_skip x_t + c_out F(c_in x_t, c_noise, x_T, z)."""
-        pre = self._preconditioning(t, x_t)
+        """Preconditioned denoiser D = c_skip x_t + c_out F(c_in x_t, c_noise, x_T, z), with the
+        preconditioning of sampling (:attr:`sampling_bridge`)."""
+        return self._denoise(x_t, t, x_T, z, self.sampling_bridge)
+
+    def _denoise(self, x_t: Tensor, t: Tensor | float, x_T: Tensor, z: Tensor, bridge: VPBridge) -> Tensor:
+        pre = self._preconditioning(t, x_t, bridge)
         F = self._network(x_t, pre, x_T, z)
         return _per_sample(pre.c_skip, x_t) * x_t + _per_sample(pre.c_out, x_t) * F.to(x_t.dtype)
 
     def network_output(self, x_t: Tensor, t: Tensor | float, x_T: Tensor, z: Tensor) -> Tensor:
-        """The raw U-Net output F(c_in x_t, c_noise, x_T, z) (what the fused sampler steps take)."""
-        return self._network(x_t, self._preconditioning(t, x_t), x_T, z)
+        """The raw U-Net output F(c_in x_t, c_noise, x_T, z) (what the fused sampler steps take),
+        with the preconditioning of sampling."""
+        return self._network(x_t, self._preconditioning(t, x_t, self.sampling_bridge), x_T, z)
 
-    def _preconditioning(self, t: Tensor | float, x_t: Tensor) -> Preconditioning:
+    @staticmethod
+    def _preconditioning(t: Tensor | float, x_t: Tensor, bridge: VPBridge) -> Preconditioning:
         """Per-sample coefficients for a tensor of times; for one time (a float, as the samplers
         pass it), the same float64 math on the host, as Python floats: the device then sees
         scalar operands instead of some thirty float64 kernels per step (which a CUDA graph
         would replay on every evaluation)."""
         if not isinstance(t, Tensor) or (t.dim() == 0 and t.device.type == "cpu"):
-            return Preconditioning(*map(float, self.bridge.preconditioning(float(t))))
+            return Preconditioning(*map(float, bridge.preconditioning(float(t))))
         if t.dim() == 0:
             t = t.expand(x_t.shape[0])
-        return self.bridge.preconditioning(t.to(torch.float64))
+        return bridge.preconditioning(t.to(torch.float64))
 
     def _network(self, x_t: Tensor, pre: Preconditioning, x_T: Tensor, z: Tensor) -> Tensor:
+        # c_noise reaches the U-Net in float32, or in float64 for a float64 state (where the
+        # time embedding is computed in float64 too)
+        dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
         if isinstance(pre.c_noise, float):
-            c_noise = torch.full((x_t.shape[0],), pre.c_noise, dtype=torch.float32, device=x_t.device)
+            c_noise = torch.full((x_t.shape[0],), pre.c_noise, dtype=dtype, device=x_t.device)
         else:
-            c_noise = pre.c_noise.to(device=x_t.device, dtype=torch.float32)
+            c_noise = pre.c_noise.to(device=x_t.device, dtype=dtype)
         return self.unet(_per_sample(pre.c_in, x_t) * x_t, c_noise, x_T, z)
 
     # ----- training objective (SPEC 5) -----
@@ -217,7 +251,7 @@ class DBAE(nn.Module):
             else:
                 eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = self.bridge.marginal_sample(x0, x_T, t, eps)
-            D = self.denoise(x_t, t, x_T, z)
+            D = self._denoise(x_t, t, x_T, z, self.bridge)
             weight = self.bridge.loss_weight(t.to(torch.float64)).to(device=x0.device, dtype=torch.float32)
             per_sample = ((D.float() - x0.float()) ** 2).flatten(1).mean(1)
             loss = (weight * per_sample).mean()
@@ -261,17 +295,21 @@ class DBAE(nn.Module):
         x_T: Tensor | None = None,
         clamp: bool = True,
         generator: torch.Generator | None = None,
+        churn_noise: Sequence[Tensor] | None = None,
         progress: bool = False,
     ) -> SampleResult:
         """Images from latents with at most ``nfe`` U-Net evaluations (exact count returned).
 
         ``x_T`` defaults to Dec(z); passing another endpoint conditions on z only
-        (the "condition-only" manipulation mode).
+        (the "condition-only" manipulation mode). ``churn_noise``: the standard normal
+        noise of each churn step (one tensor shaped like x_T per step) instead of draws from
+        ``generator`` (to replay another implementation's run; the reference sampler then
+        runs, whatever the kernels).
         """
         steps = steps_for_nfe(nfe, sampler, churn)
         if x_T is None:
             x_T = self.endpoint(z)
-        if fused_sampling(x_T.device, x_T.dtype):
+        if fused_sampling(x_T.device, x_T.dtype) and churn_noise is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x_T.device)) if churn > 0 else 0
             result = self.sampler.sample_fused(
                 lambda x, t: self.network_output(x, t, x_T, z).to(x.dtype),
@@ -284,7 +322,8 @@ class DBAE(nn.Module):
                 return D.clamp(-1.0, 1.0) if clamp else D
 
             result = self.sampler.sample(
-                denoise, x_T, steps=steps, sampler=sampler, churn=churn, generator=generator, progress=progress
+                denoise, x_T, steps=steps, sampler=sampler, churn=churn, generator=generator,
+                churn_noise=churn_noise, progress=progress,
             )
         images = result.images.clamp(-1.0, 1.0) if clamp else result.images
         return SampleResult(images=images, nfe=result.nfe, steps=result.steps)

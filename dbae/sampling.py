@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -132,10 +132,18 @@ class BridgeSampler:
         sampler: SamplerName = "euler",
         churn: float = 0.0,
         generator: torch.Generator | None = None,
+        churn_noise: Sequence[Tensor] | None = None,
         progress: bool = False,
     ) -> SampleResult:
-        """Run ``steps`` grid steps; ``denoise`` must already clamp its output if wanted."""
+        """Run ``steps`` grid steps; ``denoise`` must already clamp its output if wanted.
+        The churn steps draw their noise from ``generator``, or take ``churn_noise[i]`` at
+        step i (standard normal, shaped like x_T) when it is given."""
         plan = self.plan(steps, sampler, churn)
+        if churn_noise is not None:
+            if plan.sde is None:
+                raise ValueError("churn_noise was given for a run without churn")
+            if len(churn_noise) != steps or any(n.shape != x_T.shape for n in churn_noise):
+                raise ValueError(f"churn_noise needs {steps} tensors of shape {tuple(x_T.shape)}")
         ts, t_hats, sde, ode, ode_next = plan.ts, plan.t_hats, plan.sde, plan.ode, plan.ode_next
         evaluate = _Counted(denoise)
 
@@ -146,7 +154,10 @@ class BridgeSampler:
                 # SDE Euler-Maruyama from t_cur to t_hat, then the ODE step from t_hat.
                 k = sde[i]
                 dt = t_hats[i] - t_cur
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                if churn_noise is not None:
+                    noise = churn_noise[i].to(device=x.device, dtype=x.dtype)
+                else:
+                    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 x = x + dt * drift(x, evaluate(x, t_cur), x_T, k) + (math.sqrt(abs(dt)) * k.g) * noise
                 t_cur = t_hats[i]
             dt = t_next - t_cur

@@ -107,6 +107,9 @@ class Manifest:
     checkpoint: CheckpointInfo | None  # None: exported from an in-memory model
     graphs: dict[str, dict[str, GraphInfo]] = field(default_factory=dict)  # precision -> key -> graph
     precision_note: str = PRECISION_NOTE
+    #: sigma_T of the preconditioning baked into the decode graphs (None: an export from before it was
+    #: recorded, made with the trained one)
+    sampling_sigma_T: float | None = None
     format: str = FORMAT
 
     # ----- queries -----

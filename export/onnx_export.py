@@ -113,6 +113,7 @@ def export_onnx(
         torch_version=torch.__version__,
         onnx_version=onnx.__version__,
         checkpoint=checkpoint,
+        sampling_sigma_T=model.sampling_sigma_T,
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))

@@ -98,7 +98,7 @@ class DecodeGraph(nn.Module):
         # every time the denoiser is evaluated at: t_hat_i (= t_i), and t_{i+1} for Heun's corrector
         times = sorted({*plan.t_hats, *(plan.ts[1:-1] if plan.ode_next is not None else [])})
         self._slots = {t: i for i, t in enumerate(times)}
-        pre = model.bridge.preconditioning(torch.tensor(times, dtype=torch.float64))
+        pre = model.sampling_bridge.preconditioning(torch.tensor(times, dtype=torch.float64))
         for name in ("c_in", "c_skip", "c_out", "c_noise"):  # float64 on the host -> float32, as DBAE.denoise
             self.register_buffer(name, getattr(pre, name).to(torch.float32), persistent=False)
 

@@ -68,3 +68,29 @@ def trained_shapes(tmp_path_factory) -> Path:
     preset = replace(preset, model=replace(preset.model, encoder=encoder))
     Trainer(preset, TrainOptions(out=out, progress=False, eval_images=32, log=lambda m: None)).fit()
     return out
+
+
+#: data made with the DBAE authors' code (see tests/fixtures/official_dbae/README.md)
+OFFICIAL_DBAE = Path(__file__).parent / "fixtures" / "official_dbae"
+#: the tiny fixtures' U-Net attention heads: 16 channels (the released models': 64)
+OFFICIAL_TINY_HEAD_CHANNELS = 16
+
+
+@pytest.fixture(scope="session")
+def imported_tiny128(tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, classifier file): the authors' tiny 128 px DBAE-d checkpoint imported by
+    `dbae import`, and a random 40-attribute classifier saved as the authors' ``best.pt`` (the
+    state dict of an ``nn.Linear(z_dim, 40)``) imported for it by `dbae import --classifier`."""
+    from dbae.cli.main import main
+
+    root = tmp_path_factory.mktemp("imported")
+    run = root / "tiny128"
+    source = OFFICIAL_DBAE / "tiny128_det" / "ema_0.9999_000000.pt"
+    assert main(["import", str(source), "--out", str(run),
+                 "--num-head-channels", str(OFFICIAL_TINY_HEAD_CHANNELS)]) == 0  # fmt: skip
+    torch.manual_seed(40)
+    best = root / "best.pt"
+    torch.save(torch.nn.Linear(16, 40).state_dict(), best)
+    classifier = root / "celeba40.safetensors"
+    assert main(["import", str(best), "--classifier", "--for", str(run), "--out", str(classifier)]) == 0
+    return run, classifier

@@ -125,3 +125,46 @@ def test_bad_upload_is_one_message_and_the_page_keeps_working(page, tmp_path):
     assert "connected" in page.inner_text("#status")
     page.set_input_files("#file-a", shapes_png(tmp_path / "a.png", 2, 16))
     page.wait_for_selector("#img-edit[data-seq]", timeout=30_000)
+
+
+@pytest.fixture(scope="module")
+def official_server(imported_tiny128):
+    """The authors' tiny 128 px model imported by `dbae import`, with a random 40-attribute
+    classifier in the authors' format imported for it."""
+    run, classifier = imported_tiny128
+    with serve_process(run, "--classifier", str(classifier), "--steps", "1") as proc:
+        yield proc
+
+
+def test_an_imported_face_model_in_chromium(official_server, tmp_path):
+    """CelebA's 40 sliders from the imported classifier, the face alignment option, and an
+    upload edited by dragging one of them."""
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(official_server.url)
+            page.wait_for_selector("#status.ok", timeout=30_000)
+            assert "official-custom" in page.inner_text("#model-info")
+            assert page.locator(".attr-slider").count() == 40
+            assert page.locator(".attr-slider[aria-label='Smiling']").count() == 1
+            assert page.locator("#align-row").is_visible()  # a face model: alignment is offered
+            picture = tmp_path / "face.png"
+            Image.fromarray(to_uint8(ShapesDataset(128, seed=1, split="test")[0][0])).save(picture)
+            if page.locator("#align").is_enabled():
+                page.uncheck("#align")  # a random test picture has no face to find
+            page.set_input_files("#file-a", str(picture))
+            page.wait_for_selector("#img-edit[data-seq]", timeout=60_000)
+            before = page.locator("#img-edit").screenshot()
+            smiling = page.locator(".attr-slider[aria-label='Smiling']")
+            smiling.scroll_into_view_if_needed()  # the 32nd of 40 sliders
+            drag(page, ".attr-slider[aria-label='Smiling']", 0.98)
+            assert float(smiling.input_value()) > 1.0
+            sent = page.get_attribute("#img-edit", "data-sent")
+            page.wait_for_selector(f"#img-edit[data-seq='{sent}']", timeout=60_000)
+            assert page.locator("#img-edit").screenshot() != before
+            assert errors == [], errors
+        finally:
+            browser.close()

@@ -53,11 +53,14 @@ def interpolate(
     churn: float = 0.0,
     generator: torch.Generator | None = None,
     batch_size: int = 64,
+    sample_z: bool = False,
 ) -> InterpolationResult:
-    """Interpolate between the images x1[p] and x2[p] (both (P, C, H, W) in [-1, 1])."""
+    """Interpolate between the images x1[p] and x2[p] (both (P, C, H, W) in [-1, 1]);
+    ``sample_z``: their latents are samples of the stochastic encoder, not its means."""
     if x1.shape != x2.shape:
         raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
-    z1, z2 = model.encode(x1), model.encode(x2)
+    z1 = model.encode(x1, sample=sample_z, generator=generator)
+    z2 = model.encode(x2, sample=sample_z, generator=generator)
     lambdas, z = interpolate_latents(z1, z2, steps)
     P, L, d = z.shape
     flat = z.reshape(P * L, d)

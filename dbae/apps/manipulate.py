@@ -64,15 +64,17 @@ def manipulate(
     churn: float = 0.0,
     generator: torch.Generator | None = None,
     batch_size: int = 64,
+    sample_z: bool = False,
 ) -> ManipulationResult:
     """Edit images x (B, C, H, W) in [-1, 1] along ``attribute`` at each scale, in each
-    mode; the S * B edits are decoded ``batch_size`` at a time."""
+    mode; the S * B edits are decoded ``batch_size`` at a time. ``sample_z``: the inputs'
+    latents are samples of the stochastic encoder, not its means."""
     classifier.check_model(model)
     classifier.index(attribute)  # unknown names fail before any work
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown manipulation mode {mode!r}; use one of {MODES}")
-    z = model.encode(x)
+    z = model.encode(x, sample=sample_z, generator=generator)
     z_edit = shift_latents(z, classifier, attribute, scales)
     S, B, d = z_edit.shape
     flat = z_edit.reshape(S * B, d)

@@ -15,11 +15,12 @@ from typing import Callable, Literal, Union
 
 import torch
 
-from ..errors import CheckpointError
-from ..checkpoints import resolve_checkpoint
-from ..inference import LoadedModel, load_model
-from ..checkpoints import list_checkpoints, read_header, read_tagged_safetensors
 from ..checkpoints import FORMAT as DBAE_FORMAT
+from ..checkpoints import list_checkpoints, read_header, read_tagged_safetensors, resolve_checkpoint
+from ..checkpoints.foreign import is_torch_pickle
+from ..checkpoints.imports import OFFICIAL_DBAE, foreign_kind
+from ..errors import CheckpointError
+from ..inference import LoadedModel, load_model
 from .ddim_autoencoder import DDIMAutoencoder
 from .pdae_train import FORMAT as PDAE_FORMAT
 from .pdae_train import load_pdae
@@ -39,9 +40,16 @@ def _metadata(path: Path) -> dict[str, str]:
     return read_header(path)
 
 
+#: the method of each kind of foreign checkpoint that dbae reads (:mod:`dbae.checkpoints.imports`)
+METHOD_OF_FOREIGN_KIND: dict[str, Method] = {OFFICIAL_DBAE: "dbae"}
+
+
 def checkpoint_method(path: str | Path) -> Method:
     """The method whose checkpoint ``path`` is, from the ``format`` tag in its metadata (only
-    the header is read); CheckpointError for a missing, unreadable or foreign file."""
+    the header is read), or for another code base's released file from its keys;
+    CheckpointError for a missing, unreadable or foreign file."""
+    if is_torch_pickle(path):
+        return METHOD_OF_FOREIGN_KIND[foreign_kind(path)]
     fmt = _metadata(Path(path)).get("format")
     if fmt not in METHOD_OF_FORMAT:
         known = ", ".join(repr(f) for f in METHOD_OF_FORMAT)

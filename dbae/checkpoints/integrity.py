@@ -93,11 +93,28 @@ def write_safetensors(
 ) -> Path:
     """Write ``tensors`` (moved to the CPU, made contiguous) and ``metadata`` with their
     digests, atomically (:func:`dbae.checkpoints.atomic.atomic_write`; ``before_replace``
-    runs on the finished temporary file, e.g. to record it in a manifest)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    runs on the finished temporary file, e.g. to record it in a manifest).
+
+    Tensors are written from their own memory, not copied first (safetensors writes from
+    pointers), so a file takes no more memory to write than its tensors already hold; only
+    a tensor that overlaps another one in memory (the same data under two names) is copied."""
+    tensors = _without_overlaps({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
     meta = with_digests(tensors, metadata)
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta), before_replace)
     return Path(path)
+
+
+def _without_overlaps(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with a copy of each one whose bytes overlap another one's (safetensors
+    refuses overlapping tensors; views of one storage that do not overlap are fine)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+                   for name, t in tensors.items() if t.numel())
+    overlapping, reach = set(), 0
+    for start, end, name in spans:
+        if start < reach:
+            overlapping.add(name)
+        reach = max(reach, end)
+    return {name: t.clone() if name in overlapping else t for name, t in tensors.items()}
 
 
 def _stamp(path: Path) -> tuple[int, int, int, int]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +51,8 @@ class Checkpoint:
     ema: dict[str, torch.Tensor]
     optim: dict[str, Any] | None
     scaler: dict[str, Any] | None
+    #: the file's string metadata
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def checkpoint_name(step: int) -> str:
@@ -97,7 +99,6 @@ def write_weights_file(
         optim_tensors, optim_meta = _flatten_optimizer(optim)
         tensors.update(optim_tensors)
         metadata["optim"] = json.dumps(optim_meta)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return write_safetensors(path, tensors, metadata, before_replace)
 
 
@@ -181,7 +182,7 @@ def load_checkpoint(path: Path, *, with_optimizer: bool = True) -> Checkpoint:
     optim_meta = json.loads(meta["optim"]) if with_optimizer and "optim" in meta else None
     model, ema, optim = split_weights(path, tensors, optim_meta)
     scaler = json.loads(meta["scaler"]) if "scaler" in meta else None
-    return Checkpoint(path, preset, step, model, ema, optim, scaler)
+    return Checkpoint(path, preset, step, model, ema, optim, scaler, meta)
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -73,14 +74,37 @@ def check_zoom(args: argparse.Namespace) -> None:
         raise DataError(f"--zoom must be at least 1, got {args.zoom}")
 
 
-def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+def add_sampler_arguments(p: argparse.ArgumentParser, *, encodes: bool = True) -> None:
+    """The sampler's options; ``encodes``: the command encodes images (``--sample-z``)."""
     p.add_argument("--nfe", type=int, default=10, help="network evaluations budget (default 10)")
     p.add_argument("--sampler", choices=SAMPLERS, default="euler", help="ODE sampler (default euler)")
     p.add_argument("--churn", type=float, default=0.0, help="stochastic churn ratio in [0, 1) (default 0)")
+    p.add_argument("--sampling-sigma-T", type=float, default=None, metavar="S",
+                   help="sigma_T of the preconditioning while sampling (default: the one the model was trained "
+                        "with, 0.5; the authors' released scripts sample with 0)")
+    if not encodes:
+        return
+    p.add_argument("--sample-z", action="store_true", default=None,
+                   help="encode images to a sample of the stochastic encoder's posterior instead of its mean "
+                        "(what the authors' scripts always do; seeded by --seed)")
+
+
+def apply_sampling_options(args: argparse.Namespace, model) -> None:
+    """Set ``--sampling-sigma-T`` on ``model`` (a :class:`dbae.model.DBAE`), when given."""
+    value = getattr(args, "sampling_sigma_T", None)
+    if value is not None:
+        model.set_sampling_sigma_T(value)
+
+
+def sampling_report(args: argparse.Namespace, model) -> dict:
+    """The sampling settings of a run, for its JSON report."""
+    return {"sampling_sigma_T": model.sampling_sigma_T, "sample_z": bool(getattr(args, "sample_z", False))}
 
 
 def open_model(args: argparse.Namespace) -> LoadedModel:
-    return load_model(args.ckpt, ema=not args.raw_weights, device=resolve_device(args.device))
+    loaded = load_model(args.ckpt, ema=not args.raw_weights, device=resolve_device(args.device))
+    apply_sampling_options(args, loaded.model)
+    return loaded
 
 
 def read_inputs(args: argparse.Namespace, image_size: int) -> torch.Tensor:
@@ -169,6 +193,9 @@ def check_sampler_arguments(args: argparse.Namespace) -> None:
 
     if not (0.0 <= args.churn < 1.0):
         raise DataError(f"--churn must lie in [0, 1), got {args.churn}")
+    sigma_T = getattr(args, "sampling_sigma_T", None)
+    if sigma_T is not None and not (math.isfinite(sigma_T) and sigma_T >= 0.0):
+        raise DataError(f"--sampling-sigma-T must be a finite number >= 0, got {sigma_T}")
     least = nfe_for(1, args.sampler, args.churn)
     if args.nfe < least:
         raise DataError(f"--nfe {args.nfe} is too small for --sampler {args.sampler} --churn {args.churn}: need >= {least}")

@@ -53,10 +53,12 @@ from .common import (
     add_image_limit_argument,
     add_input_arguments,
     add_sampler_arguments,
+    apply_sampling_options,
     check_batch_size,
     check_out_dir,
     check_sampler_arguments,
     read_inputs,
+    sampling_report,
 )
 
 HELP = "evaluate a checkpoint: recon (MSE/PSNR/SSIM/LPIPS), probe (AP, Pearson r), tad (TAD/ATTRS), fid (FID/PR/IS)"
@@ -150,10 +152,11 @@ def _dbae_recon(args: argparse.Namespace, model: Any, x: torch.Tensor) -> tuple[
     generator = torch.Generator(device).manual_seed(args.seed)
     recon, nfe = [], 0
     for chunk in x.split(args.batch_size):
-        rec = model.reconstruct(chunk.to(device), args.nfe, sampler=args.sampler, churn=args.churn, generator=generator)
+        rec = model.reconstruct(chunk.to(device), args.nfe, sampler=args.sampler, churn=args.churn,
+                                sample_z=args.sample_z, generator=generator)
         recon.append(rec.images.cpu())
         nfe = rec.nfe
-    return torch.cat(recon), {"nfe": nfe, "sampler": args.sampler, "churn": args.churn}
+    return torch.cat(recon), {"nfe": nfe, "sampler": args.sampler, "churn": args.churn, **sampling_report(args, model)}
 
 
 def run_recon(args: argparse.Namespace) -> int:
@@ -163,6 +166,7 @@ def run_recon(args: argparse.Namespace) -> int:
     baseline = not isinstance(loaded, LoadedModel)
     if not baseline:
         check_sampler_arguments(args)
+        apply_sampling_options(args, loaded.model)
     model = loaded.model
     device = next(model.parameters()).device
     lp = load_lpips(args.lpips_weights, args.lpips_lin, device) if args.lpips_weights or args.lpips_lin else None
@@ -255,7 +259,8 @@ def _fid_images(args: argparse.Namespace, loaded: LoadedModel | None) -> tuple[t
                 fake, how = eval_baselines.reconstruct(args, loaded, src)
                 return (real.float() + 1) / 2, (fake.float() + 1) / 2, f"reconstructions ({how['x_T']} x_T)"
             outs = [model.reconstruct(c.to(device), args.nfe, sampler=args.sampler, churn=args.churn,
-                                      generator=generator).images.cpu() for c in src.split(args.batch_size)]
+                                      sample_z=args.sample_z, generator=generator).images.cpu()
+                    for c in src.split(args.batch_size)]
             fake, what = torch.cat(outs), "reconstructions"
         else:
             from ..prior.checkpoint import default_prior_dir, load_prior
@@ -298,6 +303,8 @@ def run_fid(args: argparse.Namespace) -> int:
     eval_baselines.check_recon_options(args, loaded)
     if isinstance(loaded, LoadedModel) or loaded is None:
         check_sampler_arguments(args)
+        if loaded is not None:
+            apply_sampling_options(args, loaded.model)
     elif args.fake == "samples":
         raise ConfigError(f"--fake samples draws from a DBAE latent prior; {loaded.path} is not a DBAE checkpoint "
                           "(its reconstructions: --fake recon)")  # fmt: skip

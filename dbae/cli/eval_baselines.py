@@ -25,8 +25,9 @@ from ..training.trainer import resolve_device
 #: recon options of the baselines only (argparse dest -> flag)
 BASELINE_ONLY = {"x_T": "--x-T", "inversion_steps": "--inversion-steps", "decode_steps": "--decode-steps"}
 #: DBAE's sampler options (argparse dest -> flag) and their defaults
-DBAE_SAMPLER = {"nfe": "--nfe", "sampler": "--sampler", "churn": "--churn"}
-DBAE_SAMPLER_DEFAULTS = {"nfe": 10, "sampler": "euler", "churn": 0.0}
+DBAE_SAMPLER = {"nfe": "--nfe", "sampler": "--sampler", "churn": "--churn",
+                "sampling_sigma_T": "--sampling-sigma-T", "sample_z": "--sample-z"}
+DBAE_SAMPLER_DEFAULTS = {"nfe": 10, "sampler": "euler", "churn": 0.0, "sample_z": False}
 
 
 def add_recon_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..sampling import SAMPLERS
-from .common import check_out_dir
+from .common import apply_sampling_options, check_out_dir
 
 HELP = "export a checkpoint to ONNX (encoder, decoder, denoiser, unrolled K-step decode) or TensorRT"
 
@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.onnx.export's TorchScript tracer (default, fast) or its torch.export-based "
                         "dynamo exporter (tens of times slower on the unrolled decode)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder once the new export is done")
+    p.add_argument("--sampling-sigma-T", type=float, default=None, metavar="S",
+                   help="sigma_T of the preconditioning in the graphs (default: the trained one; the authors' "
+                        "released scripts sample with 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         require_tensorrt()  # before any work: one line saying what to install
     path = resolve_checkpoint(args.ckpt)
     loaded = load_model(path, ema=not args.raw_weights, device="cpu")
+    apply_sampling_options(args, loaded.model)
     info = checkpoint_info(loaded.path, loaded.step, ema=not args.raw_weights)
     manifest = export_onnx(
         loaded.model, args.out, settings=settings, precisions=precisions,

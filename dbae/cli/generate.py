@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(p)
     p.add_argument("--prior", type=Path, help="prior directory or file (default: <run>/prior)")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
-    add_sampler_arguments(p)
+    add_sampler_arguments(p, encodes=False)
     p.add_argument("--prior-steps", type=int, default=100,
                    help="DDIM steps of the prior (default 100; each is one cheap MLP evaluation)")
     p.add_argument("--prior-eta", type=float, default=0.0, help="DDIM eta of the prior: 0 deterministic (default)")

@@ -9,6 +9,8 @@ import torch
 from ..config import PRESETS, dumps, get_preset
 from ..model import DBAE
 from ..checkpoints import load_checkpoint, resolve_checkpoint
+from ..checkpoints.foreign import is_torch_pickle
+from ..checkpoints.imports import imported_record, read_foreign
 
 HELP = "print the configuration and parameter counts of a checkpoint or preset"
 
@@ -25,10 +27,16 @@ def _millions(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    record = None
     if args.ckpt:
         path = resolve_checkpoint(args.ckpt)
-        ckpt = load_checkpoint(path, with_optimizer=False)
-        preset, header = ckpt.preset, f"checkpoint {path} (step {ckpt.step}, preset {ckpt.preset.name})"
+        if is_torch_pickle(path):  # the authors' file, converted in memory
+            foreign = read_foreign(path)
+            preset, step, record = foreign.preset, foreign.step, foreign.provenance
+        else:
+            ckpt = load_checkpoint(path, with_optimizer=False)
+            preset, step, record = ckpt.preset, ckpt.step, imported_record(ckpt.metadata)
+        header = f"checkpoint {path} (step {step}, preset {preset.name})"
     else:
         preset, header = get_preset(args.preset), f"preset {args.preset}"
     with torch.device("meta"):
@@ -40,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
     print("  parameters:")
     for part in ("unet", "encoder", "decoder", "total"):
         print(f"    {part:<8} {_millions(counts[part])}  ({counts[part]:,})")
+    if record is not None:
+        print(f"  imported from {record.get('source')} (sha256 {str(record.get('source_sha256'))[:16]}...): "
+              f"{record.get('recognised_as')}")
+        for line in record.get("converted", []):
+            print(f"    - {line}")
     if not args.no_config:
         print("configuration:")
         print(dumps(preset))

@@ -23,6 +23,7 @@ from .common import (
     check_zoom,
     open_model,
     report_path,
+    sampling_report,
     write_report,
 )
 
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     x = x.to(device)
     generator = torch.Generator(device).manual_seed(args.seed)
     res = interpolate(model, x[0::2], x[1::2], args.steps, args.nfe, sampler=args.sampler, churn=args.churn,
-                      generator=generator, batch_size=args.batch_size)
+                      generator=generator, batch_size=args.batch_size, sample_z=bool(args.sample_z))
     rows, labels = [], []
     for p in range(res.images.shape[0]):
         a, b = x[2 * p], x[2 * p + 1]
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "checkpoint": str(loaded.path), "step": loaded.step, "pairs": int(res.images.shape[0]),
         "lambdas": res.lambdas.tolist(), "nfe": res.nfe, "sampler": args.sampler, "churn": args.churn,
+        **sampling_report(args, model),
         "inputs": [str(pth) for pth in args.images] if args.images else f"shapes test items 0..{args.n - 1}",
     }
     json_path = report_path(args.out, "interpolate")

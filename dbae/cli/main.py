@@ -10,6 +10,7 @@ from . import bench, data, encode, export, info, reconstruct, train
 from . import generate, infer_latents, train_prior
 from . import interpolate, manipulate, train_classifier
 from . import serve
+from . import import_checkpoint
 from . import eval as eval_cmd
 from .common import apply_image_limit
 
@@ -17,7 +18,7 @@ COMMANDS = {"train": train, "reconstruct": reconstruct, "encode": encode, "info"
             "export": export,
             "infer-latents": infer_latents, "train-prior": train_prior, "generate": generate,
             "interpolate": interpolate, "train-classifier": train_classifier, "manipulate": manipulate,
-            "eval": eval_cmd, "data": data, "serve": serve}
+            "eval": eval_cmd, "data": data, "serve": serve, "import": import_checkpoint}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from .common import (
     check_zoom,
     open_model,
     report_path,
+    sampling_report,
     write_report,
 )
 from .interpolate import add_image_arguments, read_images
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     modes = MODES if args.mode == "all" else (args.mode,)
     generator = torch.Generator(device).manual_seed(args.seed)
     res = manipulate(model, x, clf, args.attr, scales, args.nfe, modes=modes, sampler=args.sampler,
-                     churn=args.churn, generator=generator, batch_size=args.batch_size)
+                     churn=args.churn, generator=generator, batch_size=args.batch_size,
+                     sample_z=bool(args.sample_z))
     order = list(range(len(scales)))
     rows, labels = [], []
     for b in range(x.shape[0]):
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "checkpoint": str(loaded.path), "step": loaded.step, "classifier": str(args.classifier),
         "attribute": args.attr, "kind": clf.kinds[col], "columns": ["input"] + [scales[i] for i in order],
-        "nfe": res.nfe, "sampler": args.sampler, "churn": args.churn,
+        "nfe": res.nfe, "sampler": args.sampler, "churn": args.churn, **sampling_report(args, model),
         "mean_score": {mode: {str(s): float(res.scores[mode][i].mean()) for i, s in enumerate(scales)}
                        for mode in modes},
     }

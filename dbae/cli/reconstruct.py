@@ -19,12 +19,14 @@ from .common import (
     add_input_arguments,
     add_sampler_arguments,
     add_zoom_argument,
+    apply_sampling_options,
     check_batch_size,
     check_out_file,
     check_sampler_arguments,
     check_zoom,
     read_inputs,
     report_path,
+    sampling_report,
     write_report,
 )
 
@@ -56,20 +58,21 @@ def run(args: argparse.Namespace) -> int:
         return _run_baseline(args, loaded)
     check_sampler_arguments(args)
     model = loaded.model
+    apply_sampling_options(args, model)
     device = next(model.parameters()).device
     x = read_inputs(args, model.config.image_size)
     generator = torch.Generator(device).manual_seed(args.seed)
     images, endpoints, nfe = [], [], 0
     for chunk in x.split(args.batch_size):
         rec = model.reconstruct(chunk.to(device), args.nfe, sampler=args.sampler, churn=args.churn,
-                                generator=generator)
+                                sample_z=args.sample_z, generator=generator)
         images.append(rec.images.cpu())
         endpoints.append(rec.x_T.cpu())
         nfe = rec.nfe
     recon, x_T = torch.cat(images), torch.cat(endpoints)
     n = min(16, x.shape[0])
     save_grid(args.out, [x[:n], x_T[:n], recon[:n]], ["input", "x_T", f"recon ({nfe} NFE)"], zoom=args.zoom)
-    how = {"nfe": nfe, "sampler": args.sampler, "churn": args.churn}
+    how = {"nfe": nfe, "sampler": args.sampler, "churn": args.churn, **sampling_report(args, model)}
     return _report(args, loaded, x, recon, how, f"{nfe} NFE ({args.sampler})")
 
 

@@ -29,6 +29,18 @@ from ..errors import DataError
 from ..imageio import PathLike
 
 
+#: CelebA's 40 binary attributes in the order of ``list_attr_celeba.txt`` (the columns of the
+#: attribute classifiers trained on CelebA / CelebA-HQ, e.g. the DBAE authors' ``best.pt``)
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
+    "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin",
+    "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open",
+    "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
+    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
+    "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+)
+
+
 @dataclass(frozen=True)
 class AttributeTable:
     """A parsed attribute file: row ``r`` is image ``files[r]`` with labels

@@ -18,20 +18,36 @@ NUM_GROUPS = 32
 EXCITATION_GAP = 4
 
 
-def _norm_glu(channels: int) -> nn.Sequential:
-    """GroupNorm over ``2 * channels`` then a GLU halving them to ``channels``."""
-    return nn.Sequential(group_norm(2 * channels, NUM_GROUPS), nn.GLU(dim=1))
+class ChannelAffine(nn.Module):
+    """``x * weight + bias`` per channel: a BatchNorm as it runs at inference, with its
+    running statistics folded in (``weight = gamma / sqrt(var + eps)``,
+    ``bias = beta - mean * weight``). The norm of the official decoder's weights."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def _norm_glu(channels: int, norm: str) -> nn.Sequential:
+    """The norm (``"group"`` or ``"affine"``) over ``2 * channels``, then a GLU halving them
+    to ``channels``."""
+    layer = group_norm(2 * channels, NUM_GROUPS) if norm == "group" else ChannelAffine(2 * channels)
+    return nn.Sequential(layer, nn.GLU(dim=1))
 
 
 class UpBlock(nn.Module):
     """FastGAN ``UpBlock``: nearest x2 upsampling, 3x3 conv to 2c, norm, GLU."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group") -> None:
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        # no bias: the norm right after removes it
+        # no bias: the norm right after removes it (or, as an affine, holds it)
         self.conv = nn.Conv2d(in_channels, 2 * out_channels, 3, padding=1, bias=False)
-        self.act = _norm_glu(out_channels)
+        self.act = _norm_glu(out_channels, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.conv(self.up(x)))
@@ -61,8 +77,8 @@ class SkipExcitation(nn.Module):
 
 class Decoder(nn.Module):
     """z -> x_T: a 4x4 seed from a transposed conv, one ``UpBlock`` per octave, optional
-    skip-layer excitation, and a final 3x3 conv to the image channels (no tanh: the bridge
-    endpoint is unconstrained).
+    skip-layer excitation, and a final conv to the image channels (3x3 with bias, or as
+    the authors': 1x1 without; no tanh: the bridge endpoint is unconstrained).
 
     ``cfg.channels[i]`` is the width at side ``4 * 2**i``. Skip-layer excitation pairs each
     level with the one ``gap = min(4, levels - 1)`` octaves below it, as FastGAN does
@@ -76,8 +92,8 @@ class Decoder(nn.Module):
         levels = len(chans)
         if 4 * 2 ** (levels - 1) != image_size:
             raise ConfigError(f"decoder channels {chans} do not span 4x4 .. {image_size}x{image_size}")
-        self.init = nn.Sequential(nn.ConvTranspose2d(z_dim, 2 * chans[0], 4, bias=False), _norm_glu(chans[0]))
-        self.ups = nn.ModuleList(UpBlock(chans[i - 1], chans[i]) for i in range(1, levels))
+        self.init = nn.Sequential(nn.ConvTranspose2d(z_dim, 2 * chans[0], 4, bias=False), _norm_glu(chans[0], cfg.norm))
+        self.ups = nn.ModuleList(UpBlock(chans[i - 1], chans[i], cfg.norm) for i in range(1, levels))
         gap = min(EXCITATION_GAP, levels - 1)
         self.excitation_gap = gap
         # keyed by the index of the gated (high-resolution) level
@@ -88,7 +104,8 @@ class Decoder(nn.Module):
                 if cfg.skip_excitation and gap >= 2
             }
         )
-        self.to_image = nn.Conv2d(chans[-1], image_channels, 3, padding=1)
+        k = cfg.output_kernel
+        self.to_image = nn.Conv2d(chans[-1], image_channels, k, padding=k // 2, bias=cfg.output_bias)
 
     def forward(self, z: Tensor) -> Tensor:
         feats = [self.init(z[:, :, None, None])]

@@ -32,7 +32,7 @@ class Encoder(nn.Module):
         groups = cfg.num_groups
 
         def attn(c: int) -> AttentionBlock:
-            return AttentionBlock(c, cfg.num_head_channels, groups)
+            return AttentionBlock(c, cfg.num_head_channels, groups, cfg.num_heads)
 
         last = len(cfg.channel_mult) - 1
         side = image_size  # side length of the current feature maps
@@ -52,9 +52,14 @@ class Encoder(nn.Module):
         self.out_norm = group_norm(cur, groups)
         self.head = nn.Linear(cur, 2 * z_dim if cfg.stochastic else z_dim)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def head_output(self, x: Tensor) -> Tensor:
+        """The head's raw output: z itself for a deterministic encoder, ``(m, l)`` (2 z_dim
+        numbers, before the soft clamps) for a stochastic one."""
         h = F.silu(self.out_norm(self.body(x)))
-        out = self.head(h.mean(dim=(2, 3)))
+        return self.head(h.mean(dim=(2, 3)))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        out = self.head_output(x)
         if not self.stochastic:
             return out, None
         m, l = out.chunk(2, dim=1)

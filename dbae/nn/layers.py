@@ -18,16 +18,19 @@ Tensor = torch.Tensor
 
 
 def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of a float tensor ``c_noise`` of shape (B,) -> (B, dim), float32.
+    """Sinusoidal embedding of a float tensor ``c_noise`` of shape (B,) -> (B, dim).
 
     Row b is ``[cos(c_b f_0), ..., cos(c_b f_{h-1}), sin(c_b f_0), ..., sin(c_b f_{h-1})]``
     with ``h = dim // 2`` and ``f_k = max_period^(-k / h)`` (as in ADM); an odd ``dim`` gets
-    a trailing zero column.
+    a trailing zero column. Computed in float64 for a float64 ``c_noise`` (a float64 model:
+    the float32 sinusoids alone would cap its agreement with an exact reference near 1e-5),
+    in float32 otherwise (the caller casts to a half-precision network afterwards).
     """
+    dtype = torch.float64 if c_noise.dtype == torch.float64 else torch.float32
     half = dim // 2
-    k = torch.arange(half, dtype=torch.float32, device=c_noise.device)
+    k = torch.arange(half, dtype=dtype, device=c_noise.device)
     freqs = torch.exp(k * (-math.log(max_period) / half))
-    args = c_noise.float()[:, None] * freqs[None, :]
+    args = c_noise.to(dtype)[:, None] * freqs[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
@@ -127,14 +130,23 @@ class PlainResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the spatial positions, ``num_head_channels`` per head.
+    """Multi-head self-attention over the spatial positions, ``num_head_channels`` per head
+    (or exactly ``num_heads`` heads when given: the official DBAE/DiffAE encoder attends
+    with one head at every width).
 
-    Pre-norm, 1x1 qkv projection, ``scaled_dot_product_attention``, zero-initialised 1x1
-    output projection, residual connection.
+    Pre-norm, 1x1 qkv projection whose output rows are ordered (q|k|v, head, channel),
+    ``scaled_dot_product_attention``, zero-initialised 1x1 output projection, residual
+    connection.
     """
 
-    def __init__(self, channels: int, num_head_channels: int, num_groups: int = 32) -> None:
+    def __init__(
+        self, channels: int, num_head_channels: int, num_groups: int = 32, num_heads: int | None = None
+    ) -> None:
         super().__init__()
+        if num_heads is not None:
+            if num_heads < 1 or channels % num_heads:
+                raise ConfigError(f"attention width {channels} cannot be split into num_heads={num_heads} heads")
+            num_head_channels = channels // num_heads
         if num_head_channels < 1 or channels % num_head_channels:
             raise ConfigError(
                 f"attention width {channels} is not a multiple of num_head_channels={num_head_channels}"

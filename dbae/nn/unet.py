@@ -102,6 +102,7 @@ class ScoreUNet(nn.Module):
         self.emb_proj_fused = fused
 
     def forward(self, x_in: Tensor, c_noise: Tensor, x_T: Tensor, z: Tensor) -> Tensor:
+        # the sinusoids in float32 (float64 for a float64 c_noise), then the network's dtype
         t_emb = timestep_embedding(c_noise, self.base_channels).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(t_emb) + self.z_embed(z)
         if self.emb_proj_fused is not None:  # every block's (scale, shift) at once

@@ -60,16 +60,38 @@ class AutoencoderRef:
     @classmethod
     def of(cls, path: Path, *, ema: bool, step: int, preset: str, z_dim: int) -> "AutoencoderRef":
         """The identity of checkpoint ``path`` used with its EMA (``ema``) or raw weights."""
-        return cls(file_sha256(path), "ema" if ema else "raw", str(path), step, preset, z_dim)
+        return cls(weights_sha256(path), "ema" if ema else "raw", str(path), step, preset, z_dim)
+
+
+def weights_sha256(path: str | Path) -> str:
+    """The SHA-256 that identifies the weights of checkpoint ``path``: of the file itself, or,
+    for a checkpoint that ``dbae import`` converted from another code base's file, of that
+    file (so that the authors' file, loaded directly, and its import are one autoencoder)."""
+    from ..checkpoints import read_header
+    from ..checkpoints.foreign import is_torch_pickle
+    from ..checkpoints.imports import imported_record
+
+    if not is_torch_pickle(path):
+        record = imported_record(read_header(path))
+        if record is not None and isinstance(record.get("source_sha256"), str):
+            return record["source_sha256"]
+    return file_sha256(path)
 
 
 def identify_checkpoint(path: str | Path, *, ema: bool = True) -> AutoencoderRef:
     """The identity of autoencoder checkpoint ``path`` (a file, or a run directory: its
-    newest checkpoint), read from its header and bytes without building the model."""
+    newest checkpoint), read from its header and bytes without building the model (an
+    authors' file is read and converted)."""
     from ..config import preset_from_dict
     from ..checkpoints import read_metadata, resolve_checkpoint
+    from ..checkpoints.foreign import is_torch_pickle
+    from ..checkpoints.imports import read_foreign
 
     path = resolve_checkpoint(path)
+    if is_torch_pickle(path):
+        foreign = read_foreign(path)
+        return AutoencoderRef.of(path, ema=ema, step=foreign.step, preset=foreign.preset.name,
+                                 z_dim=foreign.preset.model.z_dim)  # fmt: skip
     meta = read_metadata(path)
     try:
         preset = preset_from_dict(json.loads(meta["preset"]))

@@ -1,4 +1,4 @@
-"""FFHQ-style face alignment of an uploaded photo, for the face presets (ffhq128, celeba64).
+"""FFHQ-style face alignment of an uploaded photo, for face models (:func:`is_face_model`).
 
 The crop is the FFHQ dataset's (``recreate_aligned_images`` of NVIDIA's ffhq-dataset, which
 DiffAE's ``align.py`` reuses): from the eye centres e_l, e_r and the mouth corners m_l, m_r,
@@ -28,12 +28,23 @@ from __future__ import annotations
 import functools
 import importlib.util
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-#: presets whose models were trained on FFHQ-aligned faces
-FACE_PRESETS = ("ffhq128", "celeba64")
+from ..config import OFFICIAL_DBAE
+from ..data.attributes import CELEBA_ATTRIBUTES
+
+#: presets whose models were trained on FFHQ-aligned faces (the paper's and the authors' released models)
+FACE_PRESETS = ("ffhq128", "celeba64", *OFFICIAL_DBAE)
+
+
+def is_face_model(preset: str, attributes: Sequence[str] = ()) -> bool:
+    """Whether a model's uploads are faces to align: a face preset, or a model whose attribute
+    classifier has CelebA's face attributes (e.g. the authors' classifier, imported for a model
+    of theirs of another layout)."""
+    return preset in FACE_PRESETS or set(CELEBA_ATTRIBUTES) <= set(attributes)
 
 #: mouth-centre distance below the eye line, in eye distances, when no mouth is detected
 EYE_TO_MOUTH = 1.155

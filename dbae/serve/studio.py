@@ -97,7 +97,7 @@ class Studio:
             self.attributes, self.directions, self.kinds = (), torch.zeros(0, self.z_dim), ()
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
-        self.face = loaded.preset.name in align.FACE_PRESETS
+        self.face = align.is_face_model(loaded.preset.name, classifier.names if classifier is not None else ())
         self.align_available = self.face and align.alignment_available()
         self.heldout = self._heldout_images(heldout)
         self._heldout_png: dict[int, bytes] = {}

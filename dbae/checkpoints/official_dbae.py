@@ -1,0 +1,359 @@
+"""The authors' released DBAE checkpoints, converted to this package's networks exactly.
+
+The authors (github.com/aailab-kaist/DBAE, commit 533f564) released
+``ema_0.9999_1020000.pt`` (FFHQ128 stochastic and deterministic, CelebA64 deterministic) and
+``ema_0.9999_980000.pt`` (CelebA64 stochastic). Each is ``torch.save`` of the state dict of
+their whole ``UNetModel``, with the EMA parameters and the live model's buffers:
+
+- the score U-Net (guided-diffusion's ADM) at the top level, its z embedding ``label_emb``;
+- ``encoder.*``: DiffAE's semantic encoder (one attention head, a 1x1-conv head);
+- ``decoder.*``: a FastGAN generator whose convs carry spectral norm (``weight_orig`` and the
+  power-iteration vectors ``weight_u``, ``weight_v``) and whose norms are BatchNorms.
+
+The conversion (:func:`convert`) is exact; nothing is re-derived by another method:
+
+- names follow :mod:`dbae.nn` (``in_layers.0`` -> ``in_norm``, ``label_emb`` -> ``z_embed``, ...);
+- the torso's attention ``qkv`` rows are reordered from the legacy (head, q|k|v, channel)
+  order to (q|k|v, head, channel), and its 1x1 ``Conv2d`` weights become ``Conv1d`` ones;
+- the encoder's 1x1-conv head becomes the Linear ``head``;
+- every spectral norm is baked into its conv's weight as ``weight_orig / sigma`` with
+  ``sigma = u . (W v)`` from the stored vectors, as torch computes it in eval mode (not the
+  true largest singular value, which differs);
+- every BatchNorm becomes the per-channel affine it computes in eval mode,
+  ``weight / sqrt(running_var + 1e-5)`` and ``bias - running_mean * that``;
+- ``decoder.feat_256`` (built by their generator but never run) and the BatchNorms'
+  ``num_batches_tracked`` counters are left out.
+
+The derived tensors (baked and folded) are computed in float64 from the stored float32
+values and then rounded once to the requested dtype. The network configuration is read
+off the tensors' shapes (:func:`infer_model_config`); the one thing shapes cannot tell, the
+heads of the U-Net's attention, is 64 channels per head in all of the authors' scripts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..config import OFFICIAL_DBAE, DecoderConfig, EncoderConfig, ModelConfig, Preset, TrainConfig, UNetConfig, get_preset
+from ..errors import CheckpointError, ConfigError
+
+Tensor = torch.Tensor
+
+#: what these files are called in messages
+KIND = "the authors' DBAE checkpoint (aailab-kaist/DBAE)"
+#: keys every file of the authors' DBAE has
+MARKERS = ("time_embed.0.weight", "label_emb.weight", "input_blocks.0.0.weight", "out.2.weight",
+           "encoder.input_blocks.0.0.weight", "encoder.out.3.weight", "decoder.init.init.0.weight_orig")
+#: channels per head of the U-Net's attention in every script of the authors (num_head_channels)
+HEAD_CHANNELS = 64
+#: the authors' DiffAE encoder template: residual blocks per level (enc_num_res_block)
+ENCODER_RES_BLOCKS = 2
+#: BatchNorm2d's eps in their generator (torch's default)
+BATCHNORM_EPS = 1e-5
+#: the generator builds this block but never runs it
+UNUSED_PREFIX = "decoder.feat_256."
+
+_TORSO_NAMES = (
+    (".in_layers.0.", ".in_norm."), (".in_layers.2.", ".in_conv."), (".emb_layers.1.", ".emb_proj.1."),
+    (".out_layers.0.", ".out_norm."), (".out_layers.3.", ".out_conv."), (".skip_connection.", ".skip."),
+    (".proj_out.", ".proj."),
+)
+_ENCODER_NAMES = ((".in_layers.0.", ".norm."), (".in_layers.2.", ".conv."), (".skip_connection.", ".skip."),
+                  (".proj_out.", ".proj."))
+
+
+def looks_like(state: Mapping[str, object]) -> bool:
+    """Whether a state dict has the keys of the authors' DBAE networks."""
+    return all(k in state for k in MARKERS)
+
+
+# ----- the configuration, from the shapes -----
+def _entries(state: Mapping[str, Tensor], prefix: str) -> dict[int, set[int]]:
+    """index N -> sub-indices M of the keys ``<prefix>.N.M.*``."""
+    found: dict[int, set[int]] = {}
+    for key in state:
+        m = re.match(rf"{re.escape(prefix)}\.(\d+)\.(\d+)\.", key)
+        if m:
+            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return found
+
+
+def _fail(path: Path | str, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} does not have the layout of {KIND}: {why}")
+
+
+def infer_model_config(state: Mapping[str, Tensor], path: Path | str = "the file",
+                       num_head_channels: int = HEAD_CHANNELS) -> ModelConfig:  # fmt: skip
+    """The :class:`ModelConfig` of the networks in ``state``, read off its shapes (CheckpointError
+    naming ``path`` and what does not fit when it is not a DBAE layout of the authors' code)."""
+    missing = [k for k in MARKERS if k not in state]
+    if missing:
+        raise _fail(path, f"no {', '.join(missing[:3])}")
+    ch = state["time_embed.0.weight"].shape[1]
+    z_dim = state["label_emb.weight"].shape[1]
+    sizes = sorted(int(m.group(1)) for k in state if (m := re.match(r"decoder\.to_(\d+)\.weight_orig$", k)))
+    if len(sizes) != 1:
+        raise _fail(path, "no single decoder.to_<size> output conv")
+    size = sizes[0]
+
+    # the U-Net: one up block closes every level but the top one, so the output path tells
+    # the number of levels; the widths come from the input path
+    outs = _entries(state, "output_blocks")
+    ups = [n for n, subs in outs.items() if any(f"output_blocks.{n}.{m}.qkv.weight" not in state
+                                                and f"output_blocks.{n}.{m}.in_layers.0.weight" in state
+                                                for m in subs if m > 0)]
+    levels = len(ups) + 1
+    if not outs or len(outs) % levels:
+        raise _fail(path, f"{len(outs)} output blocks do not split into {levels} levels")
+    res_blocks = len(outs) // levels - 1
+    ins = _entries(state, "input_blocks")
+    mult, attention = [], set()
+    n = 1
+    for level in range(levels):
+        key = f"input_blocks.{n}.0.in_layers.2.weight"
+        if key not in state:
+            raise _fail(path, f"no {key}")
+        mult.append(state[key].shape[0] // ch)
+        for i in range(res_blocks):
+            if 1 in ins.get(n + i, ()):
+                attention.add(size >> level)
+        n += res_blocks + (level < levels - 1)
+    for side in attention:
+        width = ch * mult[(size // side).bit_length() - 1]
+        if width % num_head_channels:
+            raise _fail(path, f"its attention at side {side} is {width} channels wide, not a multiple of "
+                              f"{num_head_channels} channels per head (the authors' scripts use {HEAD_CHANNELS}): "
+                              "import it with `dbae import FILE --out RUN --num-head-channels N`, N its head width")
+    unet = UNetConfig(base_channels=ch, channel_mult=tuple(mult), num_res_blocks=res_blocks,
+                      attention_resolutions=tuple(sorted(attention, reverse=True)),
+                      num_head_channels=num_head_channels, dropout=0.1, num_groups=32)
+
+    # the encoder: ENCODER_RES_BLOCKS blocks per level and a down block between levels
+    enc = _entries(state, "encoder.input_blocks")
+    enc_ch = state["encoder.input_blocks.0.0.weight"].shape[0]
+    if len(enc) % (ENCODER_RES_BLOCKS + 1):
+        raise _fail(path, f"{len(enc)} encoder input blocks do not make levels of {ENCODER_RES_BLOCKS} blocks")
+    enc_levels = len(enc) // (ENCODER_RES_BLOCKS + 1)
+    enc_mult, enc_attention = [], set()
+    for level in range(enc_levels):
+        first = 1 + level * (ENCODER_RES_BLOCKS + 1)
+        enc_mult.append(state[f"encoder.input_blocks.{first}.0.in_layers.2.weight"].shape[0] // enc_ch)
+        if any(1 in enc.get(first + i, ()) for i in range(ENCODER_RES_BLOCKS)):
+            enc_attention.add(size >> level)
+    head = state["encoder.out.3.weight"].shape[0]
+    if head not in (z_dim, 2 * z_dim):
+        raise _fail(path, f"encoder.out.3 gives {head} numbers for a {z_dim}-dimensional z")
+    encoder = EncoderConfig(base_channels=enc_ch, channel_mult=tuple(enc_mult), num_res_blocks=ENCODER_RES_BLOCKS,
+                            attention_resolutions=tuple(sorted(enc_attention, reverse=True)), num_heads=1,
+                            num_groups=32, stochastic=head == 2 * z_dim)  # fmt: skip
+
+    widths = [state["decoder.init.init.0.weight_orig"].shape[1] // 2]
+    side = 8
+    while side <= size:
+        key = f"decoder.feat_{side}.1.weight_orig"
+        if key not in state:
+            raise _fail(path, f"no {key}")
+        widths.append(state[key].shape[0] // 2)
+        side *= 2
+    decoder = DecoderConfig(channels=tuple(widths), skip_excitation=f"decoder.se_{min(size, 64)}.main.1.weight_orig"
+                            in state, norm="affine", output_kernel=1, output_bias=False)  # fmt: skip
+    try:
+        return ModelConfig(image_size=size, z_dim=z_dim, unet=unet, encoder=encoder, decoder=decoder)
+    except ConfigError as exc:
+        raise _fail(path, str(exc)) from None
+
+
+def recognise(state: Mapping[str, Tensor], path: Path | str = "the file",
+              num_head_channels: int = HEAD_CHANNELS) -> Preset:  # fmt: skip
+    """The preset of the networks in ``state``: one of the released models' (``ffhq128-official``,
+    ...) when the layout is one of theirs, else a preset named ``official-custom`` with the
+    inferred configuration (the authors' code at other sizes, e.g. a model trained anew)."""
+    model = infer_model_config(state, path, num_head_channels)
+    for name in OFFICIAL_DBAE:
+        preset = get_preset(name)
+        if preset.model == model:
+            return preset
+    return Preset("official-custom", model, TrainConfig(batch_size=128))
+
+
+# ----- the tensors -----
+@dataclass
+class Conversion:
+    """The converted state dict of a :class:`dbae.model.DBAE` and what was done to get it."""
+
+    state: dict[str, Tensor]
+    #: source keys that were deliberately left out (feat_256, num_batches_tracked)
+    dropped: list[str] = field(default_factory=list)
+    #: one line per kind of change (for the provenance record)
+    notes: list[str] = field(default_factory=list)
+
+
+def _legacy_qkv_to_heads(t: Tensor, heads: int) -> Tensor:
+    """Rows of a qkv weight (3C, ...) or bias (3C,) from (head, q|k|v, channel) order to
+    (q|k|v, head, channel) order."""
+    rest = t.shape[1:]
+    d = t.shape[0] // (3 * heads)
+    return t.reshape(heads, 3, d, *rest).transpose(0, 1).reshape(t.shape)
+
+
+@torch.no_grad()
+def spectral_sigma(weight_orig: Tensor, u: Tensor, v: Tensor, dim: int = 0) -> Tensor:
+    """``u . (W v)`` in float64, ``W`` the weight with ``dim`` first, flattened to 2-D: the
+    divisor torch's spectral norm applies in eval mode (no power iteration)."""
+    w = weight_orig.to(torch.float64).movedim(dim, 0).reshape(weight_orig.shape[dim], -1)
+    return torch.dot(u.to(torch.float64), torch.mv(w, v.to(torch.float64)))
+
+
+def _attention_heads(model: torch.nn.Module) -> dict[str, int]:
+    from ..nn.layers import AttentionBlock
+
+    return {name: m.num_heads for name, m in model.named_modules() if isinstance(m, AttentionBlock)}
+
+
+@torch.no_grad()
+def convert(state: Mapping[str, Tensor], preset: Preset, path: Path | str = "the file", *,
+            dtype: torch.dtype = torch.float32) -> Conversion:  # fmt: skip
+    """The authors' ``state`` as the state dict of ``DBAE(preset.model)``. Tensors copied as
+    they are stay as stored (views, no copy); the derived ones (spectral norms baked, BatchNorms
+    folded) are computed in float64 and returned in ``dtype``. CheckpointError naming
+    ``path`` and the first keys that do not fit when the key sets do not map exactly."""
+    from ..model import DBAE
+
+    with torch.device("meta"):
+        target = DBAE(preset.model)
+    heads = _attention_heads(target)
+    wanted = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    conv = Conversion(out)
+
+    def put(name: str, value: Tensor, *sources: str) -> None:
+        out[name] = value.detach()
+        used.update(sources)
+
+    # encoder: its input blocks and middle block are one flat sequence here
+    enc_modules = sorted({(0 if m.group(1) == "input_blocks" else 1, int(m.group(2)), int(m.group(3) or 0))
+                          for k in state if (m := re.match(r"encoder\.(input_blocks|middle_block)\.(\d+)\.(\d+)?", k))})
+    # (0, N, M): input_blocks.N.M; (1, K, 0): middle_block.K
+    enc_index = {module: i for i, module in enumerate(enc_modules)}
+
+    n_qkv = n_sn = n_bn = 0
+    for key, value in state.items():
+        if key.startswith(UNUSED_PREFIX) or key.endswith(".num_batches_tracked"):
+            conv.dropped.append(key)
+            used.add(key)
+            continue
+        if key.startswith("decoder."):
+            continue  # below, module by module
+        if key.startswith("encoder."):
+            m = re.match(r"encoder\.input_blocks\.(\d+)\.(\d+)\.(.*)$", key) or re.match(
+                r"encoder\.middle_block\.(\d+)\.()(.*)$", key)
+            if m:
+                module = (0 if ".input_blocks." in key else 1, int(m.group(1)), int(m.group(2) or 0))
+                name = f"encoder.body.{enc_index[module]}" + _rename("." + m.group(3), _ENCODER_NAMES)
+            elif key.startswith("encoder.out.0."):
+                name = "encoder.out_norm." + key.removeprefix("encoder.out.0.")
+            elif key.startswith("encoder.out.3."):
+                name = "encoder.head." + key.removeprefix("encoder.out.3.")
+                value = value[:, :, 0, 0] if value.dim() == 4 else value
+            else:
+                continue  # reported as unused below
+        else:
+            name = "unet." + ("z_embed." + key.removeprefix("label_emb.") if key.startswith("label_emb.")
+                              else _rename(key, _TORSO_NAMES, lead="."))
+        block = name.rsplit(".", 2)[0]
+        if name.endswith((".qkv.weight", ".qkv.bias", ".proj.weight")) and value.dim() == 4:
+            value = value[..., 0]  # 1x1 Conv2d -> Conv1d
+        if (name.endswith((".qkv.weight", ".qkv.bias")) and block in heads and heads[block] > 1):
+            value = _legacy_qkv_to_heads(value, heads[block])
+            n_qkv += name.endswith(".weight")
+        put(name, value, key)
+
+    # decoder: spectral-normed convs and BatchNorms, module by module
+    size = preset.model.image_size
+    levels = len(preset.model.decoder.channels)
+    convs = {"init.init.0": ("decoder.init.0", 1), f"to_{size}": ("decoder.to_image", 0)}
+    norms = {"init.init.1": "decoder.init.1.0"}
+    for i in range(1, levels):
+        side = 4 * 2**i
+        convs[f"feat_{side}.1"] = (f"decoder.ups.{i - 1}.conv", 0)
+        norms[f"feat_{side}.2"] = f"decoder.ups.{i - 1}.act.0"
+    for i in (j for j in range(levels) if str(j) in target.decoder.excitations):
+        for k in (1, 3):
+            convs[f"se_{4 * 2**i}.main.{k}"] = (f"decoder.excitations.{i}.gate.{k}", 0)
+    for src, (dst, dim) in convs.items():
+        keys = [f"decoder.{src}.weight_{s}" for s in ("orig", "u", "v")]
+        if not all(k in state for k in keys):
+            continue  # reported as unfilled below
+        w, u, v = (state[k] for k in keys)
+        sigma = spectral_sigma(w, u, v, dim)
+        put(f"{dst}.weight", (w.to(torch.float64) / sigma).to(dtype), *keys)
+        n_sn += 1
+    for src, dst in norms.items():
+        keys = [f"decoder.{src}.{s}" for s in ("weight", "bias", "running_mean", "running_var")]
+        if not all(k in state for k in keys):
+            continue
+        gamma, beta, mean, var = (state[k].to(torch.float64) for k in keys)
+        scale = gamma / torch.sqrt(var + BATCHNORM_EPS)
+        put(f"{dst}.weight", scale.to(dtype), *keys)
+        put(f"{dst}.bias", (beta - mean * scale).to(dtype), *keys)
+        n_bn += 1
+
+    unused = [k for k in state if k not in used]
+    unfilled = [k for k in wanted if k not in out]
+    if unused or unfilled:
+        parts = []
+        if unused:
+            parts.append(f"{len(unused)} key(s) of the file fit nowhere (first: {', '.join(unused[:3])})")
+        if unfilled:
+            parts.append(f"{len(unfilled)} weight(s) of the {preset.name} networks found no key (first: "
+                         f"{', '.join(unfilled[:3])})")
+        raise _fail(path, "; ".join(parts))
+    wrong = [k for k in wanted if tuple(out[k].shape) != wanted[k]]
+    if wrong:
+        k = wrong[0]
+        raise _fail(path, f"{len(wrong)} tensor(s) of other shapes than the {preset.name} networks' "
+                          f"(first: {k}: {tuple(out[k].shape)} vs {wanted[k]})")
+    n_dropped = sum(1 for k in conv.dropped if k.startswith(UNUSED_PREFIX))
+    conv.notes = [
+        f"names mapped onto dbae.nn ({len(out)} tensors)",
+        f"qkv rows of {n_qkv} multi-head U-Net attention blocks reordered from (head, q|k|v, channel) "
+        "to (q|k|v, head, channel); 1x1 Conv2d attention weights stored as Conv1d",
+        "encoder head: 1x1 conv stored as a Linear",
+        f"spectral norm of {n_sn} decoder convs baked into their weights: weight_orig / (u . W v) from the "
+        "stored u, v (as torch in eval mode), in float64, then rounded once",
+        f"{n_bn} decoder BatchNorms folded into per-channel affines from their running statistics "
+        f"(eps {BATCHNORM_EPS}), in float64, then rounded once",
+        f"left out: {n_dropped} tensors of decoder.feat_256 (built, never run) and "
+        f"{len(conv.dropped) - n_dropped} BatchNorm num_batches_tracked counters",
+    ]
+    return conv
+
+
+def _rename(key: str, table: tuple[tuple[str, str], ...], lead: str = "") -> str:
+    out = lead + key
+    for old, new in table:
+        out = out.replace(old, new)
+    return out[len(lead):]
+
+
+def read_classifier(path: str | Path) -> tuple[Tensor, Tensor]:
+    """(weight (k, d), bias (k,)) of the authors' attribute classifier: ``best.pt``, the state
+    dict of the ``nn.Linear(512, 40)`` their ``dbae_manipulation.py`` loads (CheckpointError
+    naming the file and what does not fit otherwise)."""
+    from .foreign import load_weights_only, tensor_dict
+
+    path = Path(path)
+    state = tensor_dict(load_weights_only(path), path, "a linear classifier's state dict (weight, bias)")
+    if set(state) != {"weight", "bias"}:
+        raise CheckpointError(f"{path} is not the state dict of one nn.Linear (keys: "
+                              f"{', '.join(sorted(state)[:4])}); the authors' classifier has weight and bias only")
+    weight, bias = state["weight"], state["bias"]
+    if weight.dim() != 2 or bias.shape != (weight.shape[0],):
+        raise CheckpointError(f"{path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} are not a Linear's")
+    return weight, bias
