@@ -10,14 +10,16 @@
 #   6. DBAE against DiffAE and PDAE at the authors' step counts (paper Table 5, ffhq128),
 #   7. where one ffhq128 U-Net evaluation spends its GPU time, per set of the runners' levers,
 #   8. ffhq128 training throughput (images/s): fp32 eager against bf16, bf16 + --compile, and
-#      bf16 + --compile + --channels-last (THROUGHPUT_STEPS steps at THROUGHPUT_BATCH).
+#      bf16 + --compile + --channels-last (THROUGHPUT_STEPS steps at THROUGHPUT_BATCH),
+#   9. the authors' FFHQ128 DBAE at real size (random weights in their file layout, built from its
+#      key list) through `dbae import` and the latency benchmark of the CUDA-graph runners.
 #
 #   bash benchmarks/run_gpu_checks.sh [OUTPUT_DIR]      # default: runs/gpu_checks
 #
 # Every step writes its log and JSON under OUTPUT_DIR; a failing step does not stop the others.
 # With ARCHIVE=path.tgz set, OUTPUT_DIR is packed into that archive after every step (so that a
 # run cut short still leaves everything it finished in one file). CHECKS picks the steps
-# (default: all of build tests bench_step bench_train train latency compare profile throughput; "stage"
+# (default: all of build tests bench_step bench_train train latency compare profile throughput official; "stage"
 # instead of "build" runs the pure-Python package without building the extension); BENCH_TRAIN_SIZES the
 # sizes of the training-kernel benchmark and BENCH_TRAIN_CONFIGS its launch settings (WARPS:ROUNDS
 # ...); BENCH_STEP_BATCHES the batches of the sampler-step benchmark; LATENCY_RUNNERS the runners of the latency benchmark
@@ -31,7 +33,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 status=()
-checks=" ${CHECKS:-build tests bench_step bench_train train latency compare profile throughput} "
+checks=" ${CHECKS:-build tests bench_step bench_train train latency compare profile throughput official} "
 want() { [[ $checks == *" $1 "* ]]; }
 
 step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND, tees its output to OUTPUT_DIR/NAME.log
@@ -127,6 +129,15 @@ if want throughput; then
     cp "/tmp/$name/metrics.jsonl" "$out/$name.metrics.jsonl" 2>/dev/null
     [[ -n ${ARCHIVE:-} ]] && tar czf "$ARCHIVE" -C "$out" .
   done
+fi
+
+# the authors' released FFHQ128 layout (random weights), imported, then timed like the presets
+if want official; then
+  step official_build 120 $py benchmarks/bench_import.py --build-only /tmp/ema_0.9999_1020000.pt &&
+    step official_import 120 $py -m dbae.cli.main import /tmp/ema_0.9999_1020000.pt --out /tmp/ffhq128-official &&
+    step official_latency "${LATENCY_TIMEOUT:-400}" $py -m dbae.cli.main bench latency --ckpt /tmp/ffhq128-official \
+      --device cuda --runners ${LATENCY_RUNNERS:-eager cuda-graph cuda-graph-compiled} --steps 4 10 \
+      --batches ${LATENCY_BATCHES:-1 8} --precision bf16 --runs 20 ${LATENCY_FLAGS:-} --out "$out/latency_official"
 fi
 
 cat "$out/status.txt"

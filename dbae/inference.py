@@ -29,24 +29,33 @@ def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device
     """The model of a checkpoint, in eval mode, with its EMA weights unless ``ema=False``.
 
     ``path`` may also be a released checkpoint of the authors' code (``ema_0.9999_1020000.pt``):
-    it is converted in memory, with one line on stderr saying that ``dbae import`` converts
-    it once for good."""
+    it is converted in memory, with one line on stderr about ``dbae import``, which converts
+    it once into a run directory."""
     path = resolve_checkpoint(path)
     if is_torch_pickle(path):
         foreign = read_foreign(path)
         if not ema:
             raise CheckpointError(f"{path} holds EMA weights only (the authors save no others); drop --raw-weights")
         print(f"note: converted {path.name} in memory ({foreign.provenance['recognised_as']}); "
-              f"`dbae import {path} --out RUN` converts it once and makes every later load faster", file=sys.stderr)
-        model = DBAE(foreign.preset.model)
-        load_state_strict(model, foreign.state, "EMA", path)
+              f"`dbae import {path} --out RUN` converts it once, into a run directory that records where it came "
+              "from and whose sha256 is checked on every load", file=sys.stderr)
+        model = _loaded(foreign.preset, foreign.state, "EMA", path)
         return LoadedModel(model.to(device).eval(), foreign.preset, foreign.step, path)
     ckpt = load_checkpoint(path, with_optimizer=False)
     if not ema and not ckpt.model:
         record = imported_record(ckpt.metadata)
         origin = f" (imported from {record.get('source')})" if record else ""
         raise CheckpointError(f"{path} holds EMA weights only{origin}; drop --raw-weights")
-    model = DBAE(ckpt.preset.model)
     weights = ckpt.ema if ema and ckpt.ema else ckpt.model
-    load_state_strict(model, weights, "EMA" if weights is ckpt.ema else "model", path)
+    model = _loaded(ckpt.preset, weights, "EMA" if weights is ckpt.ema else "model", path)
     return LoadedModel(model.to(device).eval(), ckpt.preset, ckpt.step, path)
+
+
+def _loaded(preset: Preset, weights: dict[str, torch.Tensor], what: str, path: Path) -> DBAE:
+    """The model of ``preset`` holding ``weights`` themselves: built on the meta device, so
+    that its own initial weights are never allocated, and the loaded tensors are not copied."""
+    with torch.device("meta"):
+        model = DBAE(preset.model)
+    load_state_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
+                      what, path, assign=True)  # fmt: skip
+    return model

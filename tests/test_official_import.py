@@ -105,7 +105,7 @@ def test_import_refuses_what_it_cannot_read_safely_or_map(tmp_path, capsys):
 
 
 def test_ckpt_takes_the_authors_file_directly(imported_tiny128, authors_head_width, tmp_path, capsys):
-    """--ckpt FILE.pt converts in memory (with one line saying that dbae import is faster) into
+    """--ckpt FILE.pt converts in memory (with one line pointing to dbae import) into
     exactly the model that the imported run holds."""
     run, _ = imported_tiny128
     direct, imported = load_model(TINY128), load_model(run)

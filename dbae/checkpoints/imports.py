@@ -53,12 +53,14 @@ def _step_of(path: Path) -> int:
 
 def read_foreign(
     path: str | Path, *, num_head_channels: int | None = None, dtype: torch.dtype = torch.float32,
+    hash_source: bool = False,
 ) -> ForeignCheckpoint:  # fmt: skip
     """Read and convert a released checkpoint of another code base (today: the authors' DBAE
     files). ``num_head_channels``: the U-Net's channels per attention head, which shapes do
     not tell (default: the authors' 64). ``dtype``: of the tensors the conversion computes
-    (float64 to keep every digit, e.g. for parity checks). CheckpointError for a file that is
-    unreadable, needs arbitrary unpickling, or has no known layout."""
+    (float64 to keep every digit, e.g. for parity checks). ``hash_source``: record the file's
+    sha256 in the provenance (a second read of the whole file). CheckpointError for a file
+    that is unreadable, needs arbitrary unpickling, or has no known layout."""
     path = Path(path)
     if not is_torch_pickle(path):
         raise CheckpointError(f"{path} is neither a dbae safetensors file nor a PyTorch checkpoint")
@@ -70,7 +72,7 @@ def read_foreign(
         conv = official_dbae.convert(state, preset, path, dtype=dtype)
         provenance = {
             "source": path.name,
-            "source_sha256": manifest.sha256_file(path),
+            **({"source_sha256": manifest.sha256_file(path)} if hash_source else {}),
             "source_bytes": path.stat().st_size,
             "kind": OFFICIAL_DBAE,
             "recognised_as": f"{official_dbae.KIND}: {_describe(preset)}",
@@ -120,7 +122,7 @@ def import_run(
     if list_checkpoints(out / "checkpoints"):
         raise DataError(f"{out} already holds checkpoints; choose another --out (nothing was written)")
     started = time.perf_counter()
-    foreign = read_foreign(source, num_head_channels=num_head_channels)
+    foreign = read_foreign(source, num_head_channels=num_head_channels, hash_source=True)
     record = {**foreign.provenance, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": foreign.step}
     directory = out / "checkpoints"
     name = checkpoint_name(foreign.step)

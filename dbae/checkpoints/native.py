@@ -223,8 +223,11 @@ def latest_valid_checkpoint(directory: Path, warn=print, check: Callable[[Path],
     return None
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, source: Path) -> None:
-    """``load_state_dict`` with one clear message for every kind of mismatch."""
+def load_state_strict(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, source: Path, *, assign: bool = False
+) -> None:
+    """``load_state_dict`` with one clear message for every kind of mismatch. ``assign``: the
+    tensors of ``state`` become the module's (no copy: for a module built on the meta device)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -241,7 +244,7 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
         raise CheckpointError(
             f"the {what} weights in {source} do not fit this model's configuration: " + "; ".join(parts)
         )
-    module.load_state_dict(state)
+    module.load_state_dict(state, assign=assign)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
