@@ -19,6 +19,12 @@ from .bridge import BridgeConfig
 from .errors import ConfigError
 
 
+#: how the U-Net takes z: "embedding": Linear(z) added to the time embedding (DBAE);
+#: "block-scale": each residual block scales its features by 1 + Linear(SiLU(z)) after the
+#: time's scale-shift (DiffAE's official U-Net); "none": no z (an unconditional DDPM)
+Z_CONDITIONINGS = ("embedding", "block-scale", "none")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """ADM-style score U-Net F_theta(x_in, c_noise, x_T, z) (SPEC 1, 9)."""
@@ -30,6 +36,26 @@ class UNetConfig:
     num_head_channels: int = 64
     dropout: float = 0.1
     num_groups: int = 32
+    #: a fixed number of heads for every attention block instead of ``width / num_head_channels``
+    #: (DiffAE's official U-Net: 1)
+    num_heads: int | None = None
+    #: width of the time embedding (None: 4 * base_channels; DiffAE's presets: 512 at any width)
+    embed_channels: int | None = None
+    #: how z enters (:data:`Z_CONDITIONINGS`)
+    z_conditioning: str = "embedding"
+    #: the sinusoids' frequency table in float32 even in a float64 model (DiffAE's and PDAE's
+    #: code); only a float64 model's agreement with their float64 runs depends on it
+    float32_time_table: bool = False
+
+    def __post_init__(self) -> None:
+        if self.z_conditioning not in Z_CONDITIONINGS:
+            raise ConfigError(f"unet.z_conditioning must be one of {', '.join(Z_CONDITIONINGS)}, "
+                              f"got {self.z_conditioning!r}")
+
+    @property
+    def emb_channels(self) -> int:
+        """The time embedding's width."""
+        return self.embed_channels if self.embed_channels is not None else 4 * self.base_channels
 
 
 @dataclass(frozen=True)

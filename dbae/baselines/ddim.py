@@ -1,48 +1,42 @@
-"""The discrete DDPM schedule and deterministic DDIM of DiffAE (Preechakul et al. 2022).
+"""The discrete DDPM schedule and the deterministic DDIM of DiffAE and PDAE, as their authors run it.
 
-Sources: DDPM (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"), DDIM (Song et al.
-2021, "Denoising Diffusion Implicit Models", eq. 12 with sigma = 0 and eq. 14), and DiffAE's
-``diffusion/base.py`` / ``diffusion/resample.py`` (``space_timesteps``, ``ddim_sample``,
-``ddim_reverse_sample``).
+Sources: DDPM (Ho et al. 2020), DDIM (Song et al. 2021, eq. 12 with sigma = 0), and the
+authors' code as the fixtures in tests/fixtures/official_diffae and official_pdae record it
+(their README.md files; DiffAE at commit 00c57d3, PDAE at 4f9c29a).
 
-Schedule (DDPM's linear betas, DiffAE's default ``beta_scheduler="linear"`` at T = 1000)::
+Schedule (DDPM's linear betas at T = 1000)::
 
     beta_t  = beta_start + (beta_end - beta_start) * t / (T - 1),   t = 0..T-1
     abar_t  = prod_{s=0..t} (1 - beta_s)                            (alphas_bar)
     x_t     = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,              eps ~ N(0, I)
 
-with beta_start = 1e-4, beta_end = 0.02, T = 1000. The network predicts eps.
+with beta_start = 1e-4, beta_end = 0.02, T = 1000. The networks predict eps.
 
-Deterministic DDIM step from level ``a = abar_t`` to level ``a' `` (either direction)::
+One deterministic DDIM step, from a state at level ``a`` (the network sees the timestep
+label t) to level ``a'``, clipping as both authors' ``clip_denoised=True``::
 
-    x0_hat = (x_t - sqrt(1 - a) eps_hat) / sqrt(a)
-    x'     = sqrt(a') x0_hat + sqrt(1 - a') eps_hat
+    x0_hat = (x - sqrt(1 - a) eps) / sqrt(a),  clamped to [-1, 1]
+    eps'   = (x - sqrt(a) x0_hat) / sqrt(1 - a)          (eps re-derived from the clamped x0_hat)
+    x'     = sqrt(a') x0_hat + sqrt(1 - a') eps'
 
-With ``ybar = x / sqrt(a)`` and ``sigma = sqrt((1 - a) / a)`` this is exactly one explicit
-Euler step of the probability-flow ODE ``d ybar = eps_hat(x, t) d sigma`` (DDIM eq. 14):
-``ybar' = ybar + (sigma' - sigma) eps_hat``. Sampling runs it with decreasing sigma from
-x_T ~ N(0, I); inversion runs the same ODE, on the same grid, with increasing sigma from x_0.
+The step grids and the levels at their ends differ between the two methods, and are the
+authors' own (:data:`DDIM_RULES`):
 
-Both walk the grid of levels ``1 = abar(-1) > abar(t_0) > ... > abar(t_{k-1})`` where
-``t_0 < ... < t_{k-1}`` are ``k`` timesteps spaced evenly over [0, T-1], both ends included
-(DiffAE's ``space_timesteps(T, [k])``; ``k = 1`` gives ``[T-1]``):
+- ``"diffae"`` (DiffAE's "ddimK" spacing): the first integer stride s with exactly K
+  elements in range(0, T, s); the timesteps are 0, s, 2s, ... (K = 10: 0, 100, ..., 900; 100:
+  0 ... 990; 250: 0 ... 996; T - 1 itself is never used). Decoding starts at level
+  abar[t_{K-1}] and steps t_{K-1} -> ... -> t_0 -> abar = 1 (returning the clamped x0_hat);
+  inversion takes x_0 as the state at t = 0 (level abar[0]) and steps t_0 -> ... -> t_{K-1}
+  -> abar = 0 (its result is the eps' of the last step).
+- ``"pdae"`` (PDAE's "ddimK"): K + 1 points t_j = int(linspace(0, T - 1, K + 1)[j]).
+  Decoding starts at level abar[T-1] and steps t_K -> ... -> t_1 -> t_0: the network is never
+  evaluated at t = 0, and the result (at level abar[0]) is not clamped; inversion takes x_0 at
+  level abar[0] and steps t_0 -> ... -> t_K. PDAE's eps is shifted by its gradient estimator
+  (``eps - sqrt(1 - abar_t) G``); with ``stop_percent`` p the shift is used only while
+  j - 1 >= int(p K).
 
-- sampling (k NFE): eps at ``t_{k-1}, ..., t_0``, stepping to the next smaller level, the
-  last step landing on ``abar = 1`` (it returns x0_hat);
-- inversion (k NFE): eps at ``(x_0, label 0)``, then at ``t_0, ..., t_{k-2}``, stepping to the
-  next larger level, ending on ``abar(t_{k-1})``, the level sampling starts from.
-
-DiffAE's own ``ddim_reverse_sample_loop`` instead treats x_0 as the state at t = 0 and makes
-its k-th step to ``abar = 0`` (returning eps_hat itself as x_T); the two differ by terms of
-order ``sqrt(1 - abar_0) = 0.01`` and ``sqrt(abar_{T-1}) = 0.0064``. The grid here keeps
-inversion and sampling exact mirror images of one discretized ODE.
-
-Clipping (DiffAE's ``clip_denoised=True``): x0_hat is clamped to [-1, 1] and eps_hat is
-re-derived from it, ``eps_hat = (x_t - sqrt(a) x0_hat) / sqrt(1 - a)`` (skipped at a = 1,
-where x0_hat is x_t itself and the network's eps is used as is).
-
-All schedule scalars are float64 (host Python floats); the state keeps the dtype of its
-input, so a float64 state gives float64 DDIM.
+Both use K network evaluations. All schedule scalars are float64 (host Python floats); the
+state keeps the dtype of its input, so a float64 state gives float64 DDIM.
 """
 
 from __future__ import annotations
@@ -53,10 +47,12 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..errors import ConfigError
+from ..spacing import diffae_timesteps, pdae_timesteps
 
 Tensor = torch.Tensor
-#: eps_hat = eps_fn(x_t, t): x_t (B, ...) and integer timestep labels t (B,) (torch.long)
-EpsFn = Callable[[Tensor, Tensor], Tensor]
+#: eps_hat = eps_fn(x_t, t, shift): x_t (B, ...), integer timestep labels t (B,) (torch.long), and
+#: whether PDAE's gradient estimator shifts this step's eps (ignored by DiffAE)
+EpsFn = Callable[[Tensor, Tensor, bool], Tensor]
 
 
 @dataclass(frozen=True)
@@ -75,6 +71,21 @@ class ScheduleConfig:
                 f"schedule betas must satisfy 0 < beta_start <= beta_end < 1, "
                 f"got beta_start={self.beta_start}, beta_end={self.beta_end}"
             )
+
+
+#: the authors' DDIM grids (module docstring)
+DDIM_RULES = ("diffae", "pdae")
+
+
+@dataclass(frozen=True)
+class DDIMStep:
+    """One DDIM step: the network sees timestep ``t`` on the state at level ``a`` and the step
+    lands at level ``a_next``; ``shift``: PDAE uses its gradient estimator on this step."""
+
+    t: int
+    a: float
+    a_next: float
+    shift: bool = True
 
 
 class DDIMResult(NamedTuple):
@@ -123,79 +134,72 @@ class DDPMSchedule:
         return (ab.sqrt() * x0.double() + (1.0 - ab).sqrt() * eps.double()).to(x0.dtype)
 
     # ----- DDIM -----
-    def ddim_timesteps(self, steps: int) -> list[int]:
-        """``steps`` timesteps, increasing, evenly spaced over [0, T-1] with both ends
-        (``round(i (T-1) / (steps-1))`` up to float ties, DiffAE's ``space_timesteps``);
-        ``[T-1]`` for 1 step."""
-        steps = check_steps(steps, self.timesteps)
-        if steps == 1:
-            return [self.timesteps - 1]
-        # accumulated exactly as DiffAE's space_timesteps does (the float sums decide a few
-        # ties differently from round(i * stride), e.g. for 999 steps)
-        stride = (self.timesteps - 1) / (steps - 1)
-        out, cur = [], 0.0
-        for _ in range(steps):
-            out.append(round(cur))
-            cur += stride
-        return out
-
     def level(self, t: int) -> float:
-        """abar_t as a float64 Python float; ``t = -1`` is the data level abar = 1."""
-        return 1.0 if t < 0 else self._ab[t]
+        """abar_t as a float64 Python float."""
+        return self._ab[t]
+
+    def ddim_plan(self, rule: str, steps: int, *, invert: bool = False, stop_percent: float = 0.0) -> list[DDIMStep]:
+        """The steps of a K-step DDIM decode (or inversion) under ``rule`` (module docstring)."""
+        if rule not in DDIM_RULES:
+            raise ConfigError(f"DDIM rule must be one of {', '.join(DDIM_RULES)}, got {rule!r}")
+        steps = check_steps(steps, self.timesteps)
+        ab = self._ab
+        if rule == "diffae":
+            ts = diffae_timesteps(self.timesteps, steps)
+            if invert:
+                return [DDIMStep(ts[i], ab[ts[i]], ab[ts[i + 1]] if i + 1 < steps else 0.0) for i in range(steps)]
+            return [DDIMStep(ts[i], ab[ts[i]], ab[ts[i - 1]] if i > 0 else 1.0) for i in reversed(range(steps))]
+        ts = pdae_timesteps(self.timesteps, steps)
+        if invert:
+            return [DDIMStep(ts[j], ab[ts[j]], ab[ts[j + 1]]) for j in range(steps)]
+        first_unshifted = int(stop_percent * steps)
+        return [DDIMStep(ts[j], ab[ts[j]], ab[ts[j - 1]], shift=j - 1 >= first_unshifted) for j in range(steps, 0, -1)]
 
     @staticmethod
-    def ddim_step(x: Tensor, eps: Tensor, a: float, a_next: float, *, clip: bool = False) -> Tensor:
-        """One deterministic DDIM step from level ``a = abar_t`` to ``a_next`` (module docstring):
-        ``x0_hat = (x - sqrt(1-a) eps) / sqrt(a)``, ``x' = sqrt(a_next) x0_hat + sqrt(1-a_next) eps``.
-
-        ``clip`` clamps x0_hat to [-1, 1] and re-derives ``eps = (x - sqrt(a) x0_hat) / sqrt(1-a)``
-        (not at ``a = 1``, where x0_hat = x)."""
+    def ddim_step(x: Tensor, eps: Tensor, a: float, a_next: float, *, clip: bool = False) -> tuple[Tensor, Tensor]:
+        """One deterministic DDIM step from level ``a`` to ``a_next`` (module docstring):
+        ``(x', x0_hat)``. ``clip`` clamps x0_hat to [-1, 1] and re-derives eps from it."""
         eps = eps.to(x.dtype)
-        if a >= 1.0:
-            x0_hat = x
-        else:
-            x0_hat = (x - (1.0 - a) ** 0.5 * eps) / a**0.5
-            if clip:
-                x0_hat = x0_hat.clamp(-1.0, 1.0)
-                eps = (x - a**0.5 * x0_hat) / (1.0 - a) ** 0.5
-        return a_next**0.5 * x0_hat + (1.0 - a_next) ** 0.5 * eps
+        x0_hat = (x - (1.0 - a) ** 0.5 * eps) / a**0.5
+        if clip:
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+            eps = (x - a**0.5 * x0_hat) / (1.0 - a) ** 0.5
+        return a_next**0.5 * x0_hat + (1.0 - a_next) ** 0.5 * eps, x0_hat
 
     @torch.no_grad()
-    def sample(
-        self, eps_fn: EpsFn, x_T: Tensor, steps: int, *, clip: bool = False, progress: bool = False
-    ) -> DDIMResult:
-        """Deterministic DDIM from ``x_T`` (taken at level abar_{T-1}) to data: ``steps`` NFE,
-        eps evaluated at ``t_{k-1}, ..., t_0`` (:meth:`ddim_timesteps`), last step to abar = 1."""
-        ts = self.ddim_timesteps(steps)
-        pairs = list(zip(reversed(ts), list(reversed(ts[:-1])) + [-1]))
-        return self._run(eps_fn, x_T, pairs, clip, progress, "DDIM sample")
-
-    @torch.no_grad()
-    def invert(
-        self, eps_fn: EpsFn, x0: Tensor, steps: int, *, clip: bool = False, progress: bool = False
-    ) -> DDIMResult:
-        """DDIM inversion: the same Euler scheme on the same grid run forward, from ``x0``
-        (level abar = 1, network label 0) through ``t_0, ..., t_{k-2}`` to ``t_{k-1}``; ``steps``
-        NFE. Its output is the x_T that :meth:`sample` with the same ``steps`` starts from."""
-        ts = self.ddim_timesteps(steps)
-        pairs = list(zip([-1] + ts[:-1], ts))
-        return self._run(eps_fn, x0, pairs, clip, progress, "DDIM inversion")
-
-    def _run(
-        self, eps_fn: EpsFn, x: Tensor, pairs: list[tuple[int, int]], clip: bool, progress: bool, desc: str
-    ) -> DDIMResult:
-        it = pairs
+    def run(
+        self, eps_fn: EpsFn, x: Tensor, plan: list[DDIMStep], *, clip: bool = True, progress: bool = False,
+        trajectory: list[tuple[Tensor, Tensor]] | None = None, desc: str = "DDIM",
+    ) -> DDIMResult:  # fmt: skip
+        """Run the steps of ``plan`` from ``x``: one ``eps_fn(x, t, shift)`` per step (its NFE).
+        ``trajectory``: gets (state after, x0_hat) of every step."""
+        it = plan
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(pairs, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+            it = tqdm(plan, desc=desc, unit="step", leave=False, dynamic_ncols=True)
         nfe = 0
-        for t, t_next in it:
-            label = torch.full((x.shape[0],), max(t, 0), device=x.device, dtype=torch.long)
-            eps = eps_fn(x, label)
+        for step in it:
+            label = torch.full((x.shape[0],), step.t, device=x.device, dtype=torch.long)
+            eps = eps_fn(x, label, step.shift)
             nfe += 1
-            x = self.ddim_step(x, eps, self.level(t), self.level(t_next), clip=clip)
+            x, x0_hat = self.ddim_step(x, eps, step.a, step.a_next, clip=clip)
+            if trajectory is not None:
+                trajectory.append((x, x0_hat))
         return DDIMResult(x, nfe)
+
+    def sample(self, eps_fn: EpsFn, x_T: Tensor, steps: int, *, rule: str = "diffae", clip: bool = True,
+               stop_percent: float = 0.0, progress: bool = False) -> DDIMResult:  # fmt: skip
+        """Deterministic DDIM decode from ``x_T`` under ``rule``: ``steps`` NFE."""
+        plan = self.ddim_plan(rule, steps, stop_percent=stop_percent)
+        return self.run(eps_fn, x_T, plan, clip=clip, progress=progress, desc="DDIM sample")
+
+    def invert(self, eps_fn: EpsFn, x0: Tensor, steps: int, *, rule: str = "diffae", clip: bool = True,
+               progress: bool = False) -> DDIMResult:  # fmt: skip
+        """DDIM inversion of ``x0`` under ``rule``: ``steps`` NFE; its result is where
+        :meth:`sample` with the same rule starts."""
+        plan = self.ddim_plan(rule, steps, invert=True)
+        return self.run(eps_fn, x0, plan, clip=clip, progress=progress, desc="DDIM inversion")
 
 
 def gaussian_eps(mean: float, std: float, alphas_bar: Tensor) -> EpsFn:
@@ -206,11 +210,14 @@ def gaussian_eps(mean: float, std: float, alphas_bar: Tensor) -> EpsFn:
     """
     ab = alphas_bar.to(torch.float64)
 
-    def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+    def eps_fn(x: Tensor, t: Tensor, shift: bool = True) -> Tensor:
         a = ab.to(x.device)[t].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
         return (1.0 - a).sqrt() * (x - a.sqrt() * mean) / (a * std**2 + 1.0 - a)
 
     return eps_fn
 
 
-__all__ = ["DDIMResult", "DDPMSchedule", "EpsFn", "ScheduleConfig", "check_steps", "gaussian_eps"]
+__all__ = [
+    "DDIMResult", "DDIMStep", "DDIM_RULES", "DDPMSchedule", "EpsFn", "ScheduleConfig", "check_steps",
+    "diffae_timesteps", "gaussian_eps", "pdae_timesteps",
+]

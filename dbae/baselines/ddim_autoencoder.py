@@ -1,7 +1,8 @@
 """What DiffAE and PDAE share: an encoder z = E(x), an eps function conditioned on z, DDIM
 inversion to infer x_T and DDIM decoding from it (:mod:`.ddim`). Subclasses give the eps
-function that sampling and inversion use (:meth:`DDIMAutoencoder.sampling_eps`) and wrap
-the results in their own result types.
+function that sampling and inversion use (:meth:`DDIMAutoencoder.sampling_eps`), their
+authors' DDIM grid (:attr:`DDIMAutoencoder.ddim_rule`) and whether a decode's result is
+clamped (:attr:`DDIMAutoencoder.clamp_output`), and wrap the results in their own types.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import torch
 from torch import nn
 
 from ..errors import DataError
-from .ddim import DDPMSchedule, check_steps
+from .ddim import DDIMStep, DDPMSchedule, check_steps
 
 Tensor = torch.Tensor
 
 
 class DDIMDecode(NamedTuple):
-    images: Tensor  # clamped to [-1, 1]
+    images: Tensor  # clamped to [-1, 1] where the method clamps its output
     x_T: Tensor  # the start point used (inferred or drawn)
     nfe: int
 
@@ -38,6 +39,10 @@ class DDIMAutoencoder(nn.Module):
     config: object
     encoder: nn.Module
     schedule: DDPMSchedule
+    #: the authors' DDIM grid and end levels (:data:`dbae.baselines.ddim.DDIM_RULES`)
+    ddim_rule: str = "diffae"
+    #: whether a decode's result is clamped to [-1, 1] (DiffAE's is the clamped x0_hat; PDAE's is not)
+    clamp_output: bool = True
 
     # ----- checks -----
     def check_images(self, x: Tensor, what: str = "images") -> None:
@@ -61,30 +66,42 @@ class DDIMAutoencoder(nn.Module):
         self.check_images(x)
         return self.encoder(x)[0]
 
-    def sampling_eps(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
-        """The eps that DDIM sampling and inversion follow, conditioned on z (one NFE)."""
+    def sampling_eps(self, x_t: Tensor, t: Tensor, z: Tensor, shift: bool = True) -> Tensor:
+        """The eps that DDIM sampling and inversion follow, conditioned on z (one NFE);
+        ``shift``: PDAE's step uses its gradient estimator (:meth:`.ddim.DDPMSchedule.ddim_plan`)."""
         raise NotImplementedError
 
     # ----- inference (results: see the subclasses' public methods) -----
-    def _invert(self, x: Tensor, z: Tensor | None, steps: int, clip: bool, progress: bool) -> tuple[Tensor, int]:
+    def _plan(self, steps: int, what: str, *, invert: bool = False, stop_percent: float = 0.0) -> list[DDIMStep]:
+        """The DDIM steps of ``steps`` under the method's rule; ConfigError (before any network
+        runs) for a count outside the schedule or one the rule's spacing cannot make."""
+        steps = check_steps(steps, self.schedule.timesteps, what)
+        return self.schedule.ddim_plan(self.ddim_rule, steps, invert=invert, stop_percent=stop_percent)
+
+    def _invert(
+        self, x: Tensor, z: Tensor | None, steps: int, clip: bool, progress: bool,
+        trajectory: list | None = None,
+    ) -> tuple[Tensor, int]:  # fmt: skip
         """(x_T, NFE) of images ``x`` by DDIM inversion under ``sampling_eps(., ., z)``, with
         ``z = E(x)`` when not given: exactly ``steps`` NFE."""
         self.check_images(x)
-        steps = check_steps(steps, self.schedule.timesteps, "inversion steps")
+        plan = self._plan(steps, "inversion steps", invert=True)
         if z is None:
             z = self.encode(x)
         self.check_latents(z)
         self._check_batch(z, x.shape[0])
-        out = self.schedule.invert(lambda xt, t: self.sampling_eps(xt, t, z), x, steps, clip=clip, progress=progress)
+        out = self.schedule.run(lambda xt, t, shift: self.sampling_eps(xt, t, z, shift), x, plan, clip=clip,
+                                progress=progress, trajectory=trajectory, desc="DDIM inversion")  # fmt: skip
         return out.x, out.nfe
 
     def _decode(
-        self, z: Tensor, x_T: Tensor | None, steps: int, generator: torch.Generator | None, clip: bool, progress: bool
-    ) -> DDIMDecode:
+        self, z: Tensor, x_T: Tensor | None, steps: int, generator: torch.Generator | None, clip: bool, progress: bool,
+        *, stop_percent: float = 0.0, trajectory: list | None = None,
+    ) -> DDIMDecode:  # fmt: skip
         """Deterministic DDIM from ``x_T`` (``x_T ~ N(0, I)`` from ``generator`` when None):
         exactly ``steps`` NFE."""
         self.check_latents(z)
-        steps = check_steps(steps, self.schedule.timesteps, "decode steps")
+        plan = self._plan(steps, "decode steps", stop_percent=stop_percent)
         c, s = self.config.image_channels, self.config.image_size  # type: ignore[attr-defined]
         if x_T is None:
             p = next(self.parameters())
@@ -92,8 +109,9 @@ class DDIMAutoencoder(nn.Module):
         else:
             self.check_images(x_T, "x_T")
             self._check_batch(z, x_T.shape[0])
-        out = self.schedule.sample(lambda xt, t: self.sampling_eps(xt, t, z), x_T, steps, clip=clip, progress=progress)
-        return DDIMDecode(out.x.clamp(-1.0, 1.0), x_T, out.nfe)
+        out = self.schedule.run(lambda xt, t, shift: self.sampling_eps(xt, t, z, shift), x_T, plan, clip=clip,
+                                progress=progress, trajectory=trajectory, desc="DDIM sample")  # fmt: skip
+        return DDIMDecode(out.x.clamp(-1.0, 1.0) if self.clamp_output else out.x, x_T, out.nfe)
 
     def _reconstruct(
         self,
@@ -109,8 +127,8 @@ class DDIMAutoencoder(nn.Module):
         decode. Step counts are checked before any network runs."""
         self.check_images(x)
         if not random_x_T:
-            check_steps(inversion_steps, self.schedule.timesteps, "inversion steps")
-        check_steps(decode_steps, self.schedule.timesteps, "decode steps")
+            self._plan(inversion_steps, "inversion steps", invert=True)
+        self._plan(decode_steps, "decode steps")
         z = self.encode(x)
         if random_x_T:
             inv_nfe, x_T = 0, None

@@ -53,11 +53,18 @@ class ZConditionedUNet(ScoreUNet):
 
     def __init__(self, cfg: UNetConfig, image_size: int, image_channels: int, z_dim: int) -> None:
         super().__init__(cfg, image_size, image_channels, z_dim)
+        # built after the rest (not through in_channels): the initial weights, drawn in this
+        # order, are what the baselines' training runs and their tests are calibrated on
         self.input_blocks[0][0] = nn.Conv2d(image_channels, cfg.base_channels, 3, padding=1)
 
     def eps(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
-        """eps_theta(x_t, t, z) for integer (or float) timesteps t (B,)."""
-        return self(x_t, t.to(torch.float32), x_t[:, :0], z)
+        """eps_theta(x_t, t, z) for integer (or float) timesteps t (B,) (fed to the time
+        embedding in float64 for a float64 state, float32 otherwise)."""
+        return self(x_t, t.to(_time_dtype(x_t)), None, z)
+
+
+def _time_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class DiffAELoss(NamedTuple):
@@ -103,7 +110,7 @@ class DiffAE(DDIMAutoencoder):
         """eps_theta(x_t, t, z): one NFE."""
         return self.unet.eps(x_t, t, z).to(x_t.dtype)
 
-    def sampling_eps(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
+    def sampling_eps(self, x_t: Tensor, t: Tensor, z: Tensor, shift: bool = True) -> Tensor:
         return self.eps(x_t, t, z)
 
     # ----- training -----
@@ -130,11 +137,13 @@ class DiffAE(DDIMAutoencoder):
         *,
         clip: bool = True,
         progress: bool = False,
+        trajectory: list | None = None,
     ) -> Inversion:
         """The stochastic subcode x_T of images ``x`` by DDIM inversion under
         ``eps_theta(., ., z)`` (``z = Enc(x)`` when not given): exactly ``steps`` NFE.
-        ``clip`` clamps x0_hat to [-1, 1] at every step (DiffAE's ``clip_denoised``)."""
-        return Inversion(*self._invert(x, z, steps, clip, progress))
+        ``clip`` clamps x0_hat to [-1, 1] at every step (DiffAE's ``clip_denoised``);
+        ``trajectory`` gets (state, x0_hat) after every step."""
+        return Inversion(*self._invert(x, z, steps, clip, progress, trajectory))
 
     @torch.no_grad()
     def decode(
@@ -146,10 +155,11 @@ class DiffAE(DDIMAutoencoder):
         generator: torch.Generator | None = None,
         clip: bool = True,
         progress: bool = False,
+        trajectory: list | None = None,
     ) -> Decoding:
         """Images from z_sem by deterministic DDIM from ``x_T`` (``x_T ~ N(0, I)`` from
-        ``generator`` when None): exactly ``steps`` NFE."""
-        return Decoding(*self._decode(z, x_T, steps, generator, clip, progress))
+        ``generator`` when None): exactly ``steps`` NFE (``trajectory``: as :meth:`infer_x_T`)."""
+        return Decoding(*self._decode(z, x_T, steps, generator, clip, progress, trajectory=trajectory))
 
     @torch.no_grad()
     def reconstruct(

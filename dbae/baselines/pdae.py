@@ -53,6 +53,7 @@ Dec_psi 500 and score 500). The encoder pass is counted apart (never an NFE).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, NamedTuple
 
 import torch
@@ -63,6 +64,8 @@ from ..errors import ConfigError
 from ..nn import Encoder, ScoreUNet, count_parameters
 from .ddim import DDPMSchedule
 from .ddim_autoencoder import DDIMAutoencoder
+from .diffae import _time_dtype
+from .pdae_nets import ConvEncoder, ShiftBranch
 from .pdae_config import PDAEConfig
 
 Tensor = torch.Tensor
@@ -75,25 +78,22 @@ DEFAULT_DECODE_STEPS = 100
 PAPER_INVERSION_STEPS = (1000, 500, 100)
 
 
-class _NoZ(nn.Module):
-    """Stands in for ScoreUNet's ``z_embed``: adds nothing to the time embedding."""
-
-    def forward(self, z: Tensor) -> Tensor:
-        return z.new_zeros(())
-
-
 class UnconditionalUNet(ScoreUNet):
     """The unconditional eps network ``eps_theta(x_t, t)``: a ScoreUNet whose input conv takes
-    the C image channels only and which has no z embedding. ``forward(x_t, t)`` with integer
-    (or float) timesteps t (B,)."""
+    the C image channels only and which takes no z. ``forward(x_t, t)`` with integer (or
+    float) timesteps t (B,)."""
 
     def __init__(self, cfg: UNetConfig, image_size: int, image_channels: int) -> None:
         super().__init__(cfg, image_size, image_channels, 1)
+        # the z embedding and input conv are drawn and then dropped / replaced (rather than built
+        # without z on C channels): the initial weights, drawn in this order, are what the
+        # baselines' training runs and their tests are calibrated on
         self.input_blocks[0][0] = nn.Conv2d(image_channels, cfg.base_channels, 3, padding=1)
-        self.z_embed = _NoZ()
+        del self.z_embed
+        self.z_conditioning = "none"
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(x_t, t.to(torch.float32), x_t[:, :0], x_t[:, 0, 0, :0])
+        return super().forward(x_t, t.to(_time_dtype(x_t)), None, None)
 
 
 class GradientUNet(ScoreUNet):
@@ -102,10 +102,10 @@ class GradientUNet(ScoreUNet):
 
     def __init__(self, cfg: UNetConfig, image_size: int, image_channels: int, z_dim: int) -> None:
         super().__init__(cfg, image_size, image_channels, z_dim)
-        self.input_blocks[0][0] = nn.Conv2d(image_channels, cfg.base_channels, 3, padding=1)
+        self.input_blocks[0][0] = nn.Conv2d(image_channels, cfg.base_channels, 3, padding=1)  # as UnconditionalUNet
 
     def forward(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(x_t, t.to(torch.float32), x_t[:, :0], z)
+        return super().forward(x_t, t.to(_time_dtype(x_t)), None, z)
 
 
 class PDAELoss(NamedTuple):
@@ -122,14 +122,14 @@ class PDAEInversion(NamedTuple):
 
 
 class PDAEDecoding(NamedTuple):
-    images: Tensor  # clamped to [-1, 1]
+    images: Tensor  # not clamped (PDAE's decode ends at level abar[0]: 0.99995 x0_hat + 0.01 eps')
     x_T: Tensor
     nfe: int
     network_evals: int
 
 
 class PDAEReconstruction(NamedTuple):
-    images: Tensor  # clamped to [-1, 1]
+    images: Tensor  # not clamped, as PDAEDecoding
     z: Tensor
     x_T: Tensor
     nfe: int  # inversion_nfe + decode_nfe (shifted-eps evaluations)
@@ -143,13 +143,22 @@ class PDAE(DDIMAutoencoder):
     ``encoder`` and ``gradient_net`` (G). Methods validate shapes (DataError) and step counts
     (ConfigError) and report their exact NFE."""
 
+    ddim_rule = "pdae"
+    clamp_output = False  # PDAE's decode ends at level abar[0], unclamped
+
     def __init__(self, config: PDAEConfig) -> None:
         super().__init__()
         self.config = config
         size, ch, zd = config.image_size, config.image_channels, config.z_dim
         self.eps_net = UnconditionalUNet(config.unet, size, ch)
-        self.encoder = Encoder(config.encoder, size, ch, zd)
-        self.gradient_net = GradientUNet(config.gradient_unet, size, ch, zd)
+        if config.encoder_kind == "conv":
+            self.encoder = ConvEncoder(config.conv_encoder, size, ch, zd)
+        else:
+            self.encoder = Encoder(config.encoder, size, ch, zd)
+        if config.gradient == "shift":
+            self.gradient_net = ShiftBranch(config.gradient_unet, self.eps_net, size, ch, zd)
+        else:
+            self.gradient_net = GradientUNet(config.gradient_unet, size, ch, zd)
         self.schedule = DDPMSchedule(config.schedule)
         ab = self.schedule.alphas_bar
         ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
@@ -200,14 +209,30 @@ class PDAE(DDIMAutoencoder):
             raise ConfigError(f"coefficient kind must be 'sample' or 'train', got {kind!r}")
         return table.to(like.device)[t.long()].view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
+    def eps_and_gradient(self, x_t: Tensor, t: Tensor, z: Tensor, *, frozen_eps: bool = False) -> tuple[Tensor, Tensor]:
+        """(eps_theta(x_t, t), G_psi(x_t, z, t)): one evaluation of each (with G the authors' shift
+        branch, one pass through the shared input path). ``frozen_eps``: the eps network (and the
+        shared path) run without gradients."""
+        if isinstance(self.gradient_net, ShiftBranch):
+            net = self.eps_net
+            with torch.no_grad() if frozen_eps else contextlib.nullcontext():
+                emb = net.time_embedding(t.to(_time_dtype(x_t)))
+                skips = net.input_path(x_t, emb)
+                eps = net.output_path(skips, emb)
+            return eps.to(x_t.dtype), self.gradient_net(skips, emb, z).to(x_t.dtype)
+        with torch.no_grad() if frozen_eps else contextlib.nullcontext():
+            eps = self.eps_net(x_t, t)
+        return eps.to(x_t.dtype), self.gradient_net(x_t, t, z).to(x_t.dtype)
+
     def shifted_eps(self, x_t: Tensor, t: Tensor, z: Tensor, kind: CoefKind = "sample") -> Tensor:
         """``eps_theta(x_t, t) - coeff(t) G_psi(x_t, z, t)``: one eps_theta and one G_psi
         evaluation (one NFE)."""
-        eps = self.eps_net(x_t, t).to(x_t.dtype)
-        grad = self.gradient_net(x_t, t, z).to(x_t.dtype)
+        eps, grad = self.eps_and_gradient(x_t, t, z)
         return eps - self.coef(t, kind, x_t) * grad
 
-    def sampling_eps(self, x_t: Tensor, t: Tensor, z: Tensor) -> Tensor:
+    def sampling_eps(self, x_t: Tensor, t: Tensor, z: Tensor, shift: bool = True) -> Tensor:
+        if not shift:  # PDAE's stop_percent: the plain DDPM on this step (G is not evaluated)
+            return self.eps_net(x_t, t).to(x_t.dtype)
         return self.shifted_eps(x_t, t, z)
 
     # ----- training -----
@@ -232,9 +257,8 @@ class PDAE(DDIMAutoencoder):
         self.check_images(x0)
         z = self.encode(x0)
         t, noise, x_t = self._noisy(x0, generator)
-        with torch.no_grad():
-            eps = self.eps_net(x_t, t).float()
-        grad = self.gradient_net(x_t, t, z).float()
+        eps, grad = self.eps_and_gradient(x_t, t, z, frozen_eps=True)
+        eps, grad = eps.float(), grad.float()
         pred = eps - self.coef(t, "train", grad) * grad
         weight = self.loss_weight.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1))).float()
         loss = (weight * (pred - noise.float()).square()).mean()
@@ -251,10 +275,11 @@ class PDAE(DDIMAutoencoder):
         *,
         clip: bool = True,
         progress: bool = False,
+        trajectory: list | None = None,
     ) -> PDAEInversion:
         """x_T of images ``x`` by DDIM inversion under the shifted eps with ``z`` (``E(x)``
         when not given): exactly ``steps`` NFE (``2 * steps`` network evaluations)."""
-        x_T, nfe = self._invert(x, z, steps, clip, progress)
+        x_T, nfe = self._invert(x, z, steps, clip, progress, trajectory)
         return PDAEInversion(x_T, nfe, 2 * nfe)
 
     @torch.no_grad()
@@ -266,12 +291,19 @@ class PDAE(DDIMAutoencoder):
         *,
         generator: torch.Generator | None = None,
         clip: bool = True,
+        stop_percent: float = 0.0,
         progress: bool = False,
+        trajectory: list | None = None,
     ) -> PDAEDecoding:
         """Images from z by deterministic DDIM under the shifted eps from ``x_T``
-        (``x_T ~ N(0, I)`` from ``generator`` when None): exactly ``steps`` NFE."""
-        dec = self._decode(z, x_T, steps, generator, clip, progress)
-        return PDAEDecoding(dec.images, dec.x_T, dec.nfe, 2 * dec.nfe)
+        (``x_T ~ N(0, I)`` from ``generator`` when None): exactly ``steps`` NFE. ``stop_percent``
+        p: the gradient estimator shifts only the steps j with j - 1 >= int(p steps) (PDAE's
+        option); the others are the plain DDPM's (one network evaluation instead of two)."""
+        if not (0.0 <= stop_percent <= 1.0):
+            raise ConfigError(f"stop_percent must lie in [0, 1], got {stop_percent}")
+        dec = self._decode(z, x_T, steps, generator, clip, progress, stop_percent=stop_percent, trajectory=trajectory)
+        shifted = sum(step.shift for step in self._plan(steps, "decode steps", stop_percent=stop_percent))
+        return PDAEDecoding(dec.images, dec.x_T, dec.nfe, dec.nfe + shifted)
 
     @torch.no_grad()
     def reconstruct(

@@ -20,6 +20,7 @@ from ..config import EncoderConfig, ModelConfig, UNetConfig, dataclass_from_dict
 from ..errors import ConfigError
 from .config import DIFFAE_PRESETS, DiffAETrainConfig, diffae_preset
 from .ddim import ScheduleConfig
+from .pdae_nets import ConvEncoderConfig
 
 #: ``"posterior"``: PDAE's official training coefficient sqrt(alpha_t) (1 - abar_{t-1}) / sqrt(1 - abar_t)
 #: (mean shift Sigma_t G with Sigma_t the posterior variance beta~_t); ``"score"``: sqrt(1 - abar_t),
@@ -31,12 +32,23 @@ def _deterministic_encoder() -> EncoderConfig:
     return EncoderConfig(stochastic=False)
 
 
+#: G's network: "unet", a complete z-conditioned U-Net of its own on x_t (this package's PDAE on a shared
+#: backbone); "shift", the authors' ShiftUNet branch over the eps U-Net's input path
+#: (:class:`dbae.baselines.pdae_nets.ShiftBranch`)
+GRADIENT_NETS = ("unet", "shift")
+#: the encoder: "unet", :class:`dbae.nn.Encoder` (DBAE's and DiffAE's); "conv", the authors' fixed CNN
+#: (:class:`dbae.baselines.pdae_nets.ConvEncoder`)
+ENCODER_KINDS = ("unet", "conv")
+
+
 @dataclass(frozen=True)
 class PDAEConfig:
     """PDAE networks: the unconditional eps U-Net (``unet``), the z-conditioned gradient
-    estimator U-Net (``gradient_unet``), a deterministic encoder x -> z (``z_dim``), the
-    DDPM schedule, PDAE's loss weighting ``lambda_t = SNR_t^gamma / (1 + SNR_t)`` with
-    ``weight_gamma`` (official value 0.1) and the training shift coefficient ``train_shift``."""
+    estimator (``gradient_unet``, a whole U-Net or, with ``gradient = "shift"``, the authors'
+    branch over the eps U-Net's input path), a deterministic encoder x -> z (``z_dim``; ``encoder``,
+    or the authors' CNN ``conv_encoder`` with ``encoder_kind = "conv"``), the DDPM schedule,
+    PDAE's loss weighting ``lambda_t = SNR_t^gamma / (1 + SNR_t)`` with ``weight_gamma`` (official
+    value 0.1) and the training shift coefficient ``train_shift``."""
 
     image_size: int = 128
     image_channels: int = 3
@@ -47,6 +59,9 @@ class PDAEConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     weight_gamma: float = 0.1
     train_shift: TrainShift = "posterior"
+    gradient: str = "unet"
+    encoder_kind: str = "unet"
+    conv_encoder: ConvEncoderConfig = field(default_factory=ConvEncoderConfig)
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -65,6 +80,14 @@ class PDAEConfig:
             raise ConfigError(f"weight_gamma must lie in [0, 1], got {self.weight_gamma}")
         if self.train_shift not in ("posterior", "score"):
             raise ConfigError(f"train_shift must be 'posterior' or 'score', got {self.train_shift!r}")
+        if self.gradient not in GRADIENT_NETS:
+            raise ConfigError(f"gradient must be one of {', '.join(GRADIENT_NETS)}, got {self.gradient!r}")
+        if self.encoder_kind not in ENCODER_KINDS:
+            raise ConfigError(f"encoder_kind must be one of {', '.join(ENCODER_KINDS)}, got {self.encoder_kind!r}")
+        layout = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions")
+        if self.gradient == "shift" and any(getattr(self.unet, f) != getattr(self.gradient_unet, f) for f in layout):
+            raise ConfigError("gradient 'shift' runs over the eps U-Net's input path: gradient_unet needs the same "
+                              "base_channels, channel_mult, num_res_blocks and attention_resolutions as unet")
 
     @classmethod
     def from_model_config(cls, model: ModelConfig, schedule: ScheduleConfig | None = None) -> "PDAEConfig":

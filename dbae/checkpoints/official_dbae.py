@@ -33,7 +33,6 @@ heads of the U-Net's attention, is 64 channels per head in all of the authors' s
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -41,6 +40,7 @@ import torch
 
 from ..config import OFFICIAL_DBAE, DecoderConfig, EncoderConfig, ModelConfig, Preset, TrainConfig, UNetConfig, get_preset
 from ..errors import CheckpointError, ConfigError
+from .adm_keys import Conversion, StateMapper, layout_error
 
 Tensor = torch.Tensor
 
@@ -58,13 +58,6 @@ BATCHNORM_EPS = 1e-5
 #: the generator builds this block but never runs it
 UNUSED_PREFIX = "decoder.feat_256."
 
-_TORSO_NAMES = (
-    (".in_layers.0.", ".in_norm."), (".in_layers.2.", ".in_conv."), (".emb_layers.1.", ".emb_proj.1."),
-    (".out_layers.0.", ".out_norm."), (".out_layers.3.", ".out_conv."), (".skip_connection.", ".skip."),
-    (".proj_out.", ".proj."),
-)
-_ENCODER_NAMES = ((".in_layers.0.", ".norm."), (".in_layers.2.", ".conv."), (".skip_connection.", ".skip."),
-                  (".proj_out.", ".proj."))
 
 
 def looks_like(state: Mapping[str, object]) -> bool:
@@ -84,7 +77,7 @@ def _entries(state: Mapping[str, Tensor], prefix: str) -> dict[int, set[int]]:
 
 
 def _fail(path: Path | str, why: str) -> CheckpointError:
-    return CheckpointError(f"{path} does not have the layout of {KIND}: {why}")
+    return layout_error(path, KIND, why)
 
 
 def infer_model_config(state: Mapping[str, Tensor], path: Path | str = "the file",
@@ -182,37 +175,12 @@ def recognise(state: Mapping[str, Tensor], path: Path | str = "the file",
 
 
 # ----- the tensors -----
-@dataclass
-class Conversion:
-    """The converted state dict of a :class:`dbae.model.DBAE` and what was done to get it."""
-
-    state: dict[str, Tensor]
-    #: source keys that were deliberately left out (feat_256, num_batches_tracked)
-    dropped: list[str] = field(default_factory=list)
-    #: one line per kind of change (for the provenance record)
-    notes: list[str] = field(default_factory=list)
-
-
-def _legacy_qkv_to_heads(t: Tensor, heads: int) -> Tensor:
-    """Rows of a qkv weight (3C, ...) or bias (3C,) from (head, q|k|v, channel) order to
-    (q|k|v, head, channel) order."""
-    rest = t.shape[1:]
-    d = t.shape[0] // (3 * heads)
-    return t.reshape(heads, 3, d, *rest).transpose(0, 1).reshape(t.shape)
-
-
 @torch.no_grad()
 def spectral_sigma(weight_orig: Tensor, u: Tensor, v: Tensor, dim: int = 0) -> Tensor:
     """``u . (W v)`` in float64, ``W`` the weight with ``dim`` first, flattened to 2-D: the
     divisor torch's spectral norm applies in eval mode (no power iteration)."""
     w = weight_orig.to(torch.float64).movedim(dim, 0).reshape(weight_orig.shape[dim], -1)
     return torch.dot(u.to(torch.float64), torch.mv(w, v.to(torch.float64)))
-
-
-def _attention_heads(model: torch.nn.Module) -> dict[str, int]:
-    from ..nn.layers import AttentionBlock
-
-    return {name: m.num_heads for name, m in model.named_modules() if isinstance(m, AttentionBlock)}
 
 
 @torch.no_grad()
@@ -226,54 +194,13 @@ def convert(state: Mapping[str, Tensor], preset: Preset, path: Path | str = "the
 
     with torch.device("meta"):
         target = DBAE(preset.model)
-    heads = _attention_heads(target)
-    wanted = {k: tuple(v.shape) for k, v in target.state_dict().items()}
-    out: dict[str, Tensor] = {}
-    used: set[str] = set()
-    conv = Conversion(out)
-
-    def put(name: str, value: Tensor, *sources: str) -> None:
-        out[name] = value.detach()
-        used.update(sources)
-
-    # encoder: its input blocks and middle block are one flat sequence here
-    enc_modules = sorted({(0 if m.group(1) == "input_blocks" else 1, int(m.group(2)), int(m.group(3) or 0))
-                          for k in state if (m := re.match(r"encoder\.(input_blocks|middle_block)\.(\d+)\.(\d+)?", k))})
-    # (0, N, M): input_blocks.N.M; (1, K, 0): middle_block.K
-    enc_index = {module: i for i, module in enumerate(enc_modules)}
-
-    n_qkv = n_sn = n_bn = 0
-    for key, value in state.items():
+    m = StateMapper.for_module(state, target, path, KIND)
+    for key in state:
         if key.startswith(UNUSED_PREFIX) or key.endswith(".num_batches_tracked"):
-            conv.dropped.append(key)
-            used.add(key)
-            continue
-        if key.startswith("decoder."):
-            continue  # below, module by module
-        if key.startswith("encoder."):
-            m = re.match(r"encoder\.input_blocks\.(\d+)\.(\d+)\.(.*)$", key) or re.match(
-                r"encoder\.middle_block\.(\d+)\.()(.*)$", key)
-            if m:
-                module = (0 if ".input_blocks." in key else 1, int(m.group(1)), int(m.group(2) or 0))
-                name = f"encoder.body.{enc_index[module]}" + _rename("." + m.group(3), _ENCODER_NAMES)
-            elif key.startswith("encoder.out.0."):
-                name = "encoder.out_norm." + key.removeprefix("encoder.out.0.")
-            elif key.startswith("encoder.out.3."):
-                name = "encoder.head." + key.removeprefix("encoder.out.3.")
-                value = value[:, :, 0, 0] if value.dim() == 4 else value
-            else:
-                continue  # reported as unused below
-        else:
-            name = "unet." + ("z_embed." + key.removeprefix("label_emb.") if key.startswith("label_emb.")
-                              else _rename(key, _TORSO_NAMES, lead="."))
-        block = name.rsplit(".", 2)[0]
-        if name.endswith((".qkv.weight", ".qkv.bias", ".proj.weight")) and value.dim() == 4:
-            value = value[..., 0]  # 1x1 Conv2d -> Conv1d
-        if (name.endswith((".qkv.weight", ".qkv.bias")) and block in heads and heads[block] > 1):
-            value = _legacy_qkv_to_heads(value, heads[block])
-            n_qkv += name.endswith(".weight")
-        put(name, value, key)
-
+            m.drop(key)
+    m.unet([k for k in state if not k.startswith(("encoder.", "decoder."))], "", "unet.", {"label_emb.": "z_embed."})
+    m.encoder("encoder.", "encoder.")
+    n_sn = n_bn = 0
     # decoder: spectral-normed convs and BatchNorms, module by module
     size = preset.model.image_size
     levels = len(preset.model.decoder.channels)
@@ -292,7 +219,7 @@ def convert(state: Mapping[str, Tensor], preset: Preset, path: Path | str = "the
             continue  # reported as unfilled below
         w, u, v = (state[k] for k in keys)
         sigma = spectral_sigma(w, u, v, dim)
-        put(f"{dst}.weight", (w.to(torch.float64) / sigma).to(dtype), *keys)
+        m.put(f"{dst}.weight", (w.to(torch.float64) / sigma).to(dtype), *keys)
         n_sn += 1
     for src, dst in norms.items():
         keys = [f"decoder.{src}.{s}" for s in ("weight", "bias", "running_mean", "running_var")]
@@ -300,29 +227,14 @@ def convert(state: Mapping[str, Tensor], preset: Preset, path: Path | str = "the
             continue
         gamma, beta, mean, var = (state[k].to(torch.float64) for k in keys)
         scale = gamma / torch.sqrt(var + BATCHNORM_EPS)
-        put(f"{dst}.weight", scale.to(dtype), *keys)
-        put(f"{dst}.bias", (beta - mean * scale).to(dtype), *keys)
+        m.put(f"{dst}.weight", scale.to(dtype), *keys)
+        m.put(f"{dst}.bias", (beta - mean * scale).to(dtype), *keys)
         n_bn += 1
 
-    unused = [k for k in state if k not in used]
-    unfilled = [k for k in wanted if k not in out]
-    if unused or unfilled:
-        parts = []
-        if unused:
-            parts.append(f"{len(unused)} key(s) of the file fit nowhere (first: {', '.join(unused[:3])})")
-        if unfilled:
-            parts.append(f"{len(unfilled)} weight(s) of the {preset.name} networks found no key (first: "
-                         f"{', '.join(unfilled[:3])})")
-        raise _fail(path, "; ".join(parts))
-    wrong = [k for k in wanted if tuple(out[k].shape) != wanted[k]]
-    if wrong:
-        k = wrong[0]
-        raise _fail(path, f"{len(wrong)} tensor(s) of other shapes than the {preset.name} networks' "
-                          f"(first: {k}: {tuple(out[k].shape)} vs {wanted[k]})")
-    n_dropped = sum(1 for k in conv.dropped if k.startswith(UNUSED_PREFIX))
-    conv.notes = [
-        f"names mapped onto dbae.nn ({len(out)} tensors)",
-        f"qkv rows of {n_qkv} multi-head U-Net attention blocks reordered from (head, q|k|v, channel) "
+    n_dropped = sum(1 for k in m.dropped if k.startswith(UNUSED_PREFIX))
+    notes = [
+        f"names mapped onto dbae.nn ({len(m.out)} tensors)",
+        f"qkv rows of {m.reordered} multi-head U-Net attention blocks reordered from (head, q|k|v, channel) "
         "to (q|k|v, head, channel); 1x1 Conv2d attention weights stored as Conv1d",
         "encoder head: 1x1 conv stored as a Linear",
         f"spectral norm of {n_sn} decoder convs baked into their weights: weight_orig / (u . W v) from the "
@@ -330,16 +242,9 @@ def convert(state: Mapping[str, Tensor], preset: Preset, path: Path | str = "the
         f"{n_bn} decoder BatchNorms folded into per-channel affines from their running statistics "
         f"(eps {BATCHNORM_EPS}), in float64, then rounded once",
         f"left out: {n_dropped} tensors of decoder.feat_256 (built, never run) and "
-        f"{len(conv.dropped) - n_dropped} BatchNorm num_batches_tracked counters",
+        f"{len(m.dropped) - n_dropped} BatchNorm num_batches_tracked counters",
     ]
-    return conv
-
-
-def _rename(key: str, table: tuple[tuple[str, str], ...], lead: str = "") -> str:
-    out = lead + key
-    for old, new in table:
-        out = out.replace(old, new)
-    return out[len(lead):]
+    return m.finish(preset.name, notes)
 
 
 def read_classifier(path: str | Path) -> tuple[Tensor, Tensor]:

@@ -17,19 +17,23 @@ from ..errors import ConfigError
 Tensor = torch.Tensor
 
 
-def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def timestep_embedding(
+    c_noise: Tensor, dim: int, max_period: float = 10000.0, *, float32_table: bool = False
+) -> Tensor:
     """Sinusoidal embedding of a float tensor ``c_noise`` of shape (B,) -> (B, dim).
 
     Row b is ``[cos(c_b f_0), ..., cos(c_b f_{h-1}), sin(c_b f_0), ..., sin(c_b f_{h-1})]``
-    with ``h = dim // 2`` and ``f_k = max_period^(-k / h)`` (as in ADM); an odd ``dim`` gets
-    a trailing zero column. Computed in float64 for a float64 ``c_noise`` (a float64 model:
-    the float32 sinusoids alone would cap its agreement with an exact reference near 1e-5),
-    in float32 otherwise (the caller casts to a half-precision network afterwards).
+    with ``h = dim // 2`` and ``f_k = exp(-ln(max_period) k / h)`` (ADM's table, in that order
+    of operations); an odd ``dim`` gets a trailing zero column. Computed in float64 for a
+    float64 ``c_noise`` (a float64 model: the float32 sinusoids alone would cap its agreement
+    with an exact reference near 1e-5), in float32 otherwise (the caller casts to a
+    half-precision network afterwards). ``float32_table``: the frequencies stay float32 even
+    then, as DiffAE's and PDAE's code builds them (only the products are float64).
     """
     dtype = torch.float64 if c_noise.dtype == torch.float64 else torch.float32
     half = dim // 2
-    k = torch.arange(half, dtype=dtype, device=c_noise.device)
-    freqs = torch.exp(k * (-math.log(max_period) / half))
+    k = torch.arange(half, dtype=torch.float32 if float32_table else dtype, device=c_noise.device)
+    freqs = torch.exp(-math.log(max_period) * k / half).to(dtype)
     args = c_noise.to(dtype)[:, None] * freqs[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -60,6 +64,13 @@ def _resampler(up: bool, down: bool) -> nn.Module:
     return nn.Identity()
 
 
+#: how a residual block takes a second condition ``cond`` (besides the time embedding), after
+#: the time's scale-shift: none; "scale" h * (1 + Linear(SiLU(cond))) (DiffAE, cond = z);
+#: "scale-shift" (1 + s) h + b with (s, b) = Linear(SiLU(cond)) (PDAE's shift branch, cond = an
+#: embedding of z)
+COND_MODES = ("scale", "scale-shift")
+
+
 class ResBlock(nn.Module):
     """ADM residual block conditioned on an embedding (the score U-Net's block).
 
@@ -69,6 +80,10 @@ class ResBlock(nn.Module):
     resample by 2 inside the block (nearest / average pooling), on both the residual branch
     and the skip path (ADM ``resblock_updown``). A fresh block is thus the identity (or its
     1x1 skip projection).
+
+    ``cond_channels`` / ``cond_mode`` (:data:`COND_MODES`): a second condition of that width,
+    applied after the time's scale-shift by ``cond_proj`` (DiffAE's per-block z scale,
+    PDAE's z scale and shift).
     """
 
     def __init__(
@@ -81,6 +96,8 @@ class ResBlock(nn.Module):
         num_groups: int = 32,
         up: bool = False,
         down: bool = False,
+        cond_channels: int | None = None,
+        cond_mode: str = "scale",
     ) -> None:
         super().__init__()
         self.in_norm = group_norm(channels, num_groups)
@@ -94,8 +111,14 @@ class ResBlock(nn.Module):
         #: set by ScoreUNet.fuse_emb_projections: this block's columns of the projections of all
         #: blocks, computed at once (``emb`` then holds them, and emb_proj is gone)
         self.emb_columns: tuple[int, int] | None = None
+        self.cond_mode = cond_mode if cond_channels is not None else None
+        if cond_channels is not None:
+            if cond_mode not in COND_MODES:
+                raise ConfigError(f"cond_mode must be one of {', '.join(COND_MODES)}, got {cond_mode!r}")
+            width = out_channels if cond_mode == "scale" else 2 * out_channels
+            self.cond_proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_channels, width))
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, cond: Tensor | None = None) -> Tensor:
         h = self.in_conv(self.resample(F.silu(self.in_norm(x))))
         if self.emb_columns is None:
             projected = self.emb_proj(emb)
@@ -103,6 +126,11 @@ class ResBlock(nn.Module):
             projected = emb[:, self.emb_columns[0] : self.emb_columns[1]]
         scale, shift = projected[:, :, None, None].chunk(2, dim=1)
         h = self.out_norm(h) * (1 + scale) + shift
+        if self.cond_mode == "scale":
+            h = h * (1 + self.cond_proj(cond)[:, :, None, None])
+        elif self.cond_mode == "scale-shift":
+            c_scale, c_shift = self.cond_proj(cond)[:, :, None, None].chunk(2, dim=1)
+            h = (1 + c_scale) * h + c_shift
         h = self.out_conv(self.dropout(F.silu(h)))
         return self.skip(self.resample(x)) + h
 
@@ -172,9 +200,10 @@ class AttentionBlock(nn.Module):
 
 
 class EmbedSequential(nn.Sequential):
-    """A sequence of layers where the ResBlocks also receive the conditioning embedding."""
+    """A sequence of layers where the ResBlocks also receive the conditioning embedding (and
+    their second condition, where they take one)."""
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, emb: Tensor, cond: Tensor | None = None) -> Tensor:  # type: ignore[override]
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            x = layer(x, emb, cond) if isinstance(layer, ResBlock) else layer(x)
         return x

@@ -21,6 +21,7 @@ from ..config import check_positive_ints, dataclass_from_dict
 from ..errors import ConfigError
 
 LOSSES = ("l1", "l2")
+SPACINGS = ("even", "diffae")
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,13 @@ class LatentDiffusionConfig:
     beta: float = 0.008
     #: "l1" or "l2" distance between predicted and true noise
     loss: str = "l1"
+    #: the DDIM sampler's timesteps (:mod:`dbae.spacing`): "even" over [0, T - 1] with both ends, or
+    #: "diffae" (DiffAE's latent sampler, for its imported priors)
+    spacing: str = "even"
 
     def __post_init__(self) -> None:
+        if self.spacing not in SPACINGS:
+            raise ConfigError(f"prior spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
         if self.timesteps < 2:
             raise ConfigError(f"prior timesteps must be >= 2, got {self.timesteps}")
         if not (0.0 < self.beta < 1.0):

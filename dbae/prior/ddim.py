@@ -6,8 +6,8 @@ Forward process on normalized latents x_0 (DDPM with a constant beta):
     x_t    = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,  eps ~ N(0, I)
 
 The network predicts eps; the loss is the L1 or L2 distance to the true eps, with t
-uniform on 0..T-1. DDIM (Song et al.) walks S timesteps spaced evenly over [0, T-1]
-(both ends included, as DiffAE's ``space_timesteps``) from x ~ N(0, I):
+uniform on 0..T-1. DDIM (Song et al.) walks S timesteps (spaced evenly over [0, T-1] with
+both ends, or by DiffAE's rule for its imported priors: :mod:`dbae.spacing`) from x ~ N(0, I):
 
     x0_hat  = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
     sigma   = eta sqrt((1 - abar_p) / (1 - abar_t)) sqrt(1 - abar_t / abar_p)
@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError
+from ..spacing import diffae_timesteps, even_timesteps
 from .config import LatentDiffusionConfig
 
 Tensor = torch.Tensor
@@ -59,13 +60,11 @@ class LatentDiffusion:
         return err.abs().mean() if self.config.loss == "l1" else err.square().mean()
 
     def ddim_timesteps(self, steps: int) -> list[int]:
-        """``steps`` timesteps, largest first, evenly spaced over [0, T-1] (both included)."""
-        if not (1 <= steps <= self.timesteps):
+        """``steps`` timesteps, largest first, spaced by the config's rule (:mod:`dbae.spacing`)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or not (1 <= steps <= self.timesteps):
             raise ConfigError(f"prior steps must lie in [1, {self.timesteps}], got {steps}")
-        if steps == 1:
-            return [self.timesteps - 1]
-        stride = (self.timesteps - 1) / (steps - 1)
-        return sorted({round(i * stride) for i in range(steps)}, reverse=True)
+        rule = diffae_timesteps if self.config.spacing == "diffae" else even_timesteps
+        return sorted(rule(self.timesteps, steps), reverse=True)
 
     @torch.no_grad()
     def sample(

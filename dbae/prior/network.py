@@ -8,23 +8,13 @@ layer maps back to the latent dimension and predicts the noise.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from ..nn.layers import timestep_embedding
 from .config import PriorNetConfig
 
 Tensor = torch.Tensor
-
-
-def timestep_features(t: Tensor, channels: int, max_period: float = 10_000.0) -> Tensor:
-    """Sinusoidal features (B, channels) of timesteps t (B,) (integers 0..T-1 as floats):
-    ``[cos(t f_k), sin(t f_k)]`` with f_k = max_period^(-k / (channels / 2))."""
-    half = channels // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
 class _SkipLayer(nn.Module):
@@ -64,7 +54,9 @@ class MLPSkipNet(nn.Module):
         """Predicted noise (B, z_dim) for noisy latents z_t (B, z_dim) at timesteps t (B,)."""
         if z_t.dim() != 2 or z_t.shape[1] != self.z_dim:
             raise ValueError(f"expected latents of shape (B, {self.z_dim}), got {tuple(z_t.shape)}")
-        emb = self.time_embed(timestep_features(t, self.config.time_channels).to(z_t.dtype))
+        # DiffAE's sinusoids: a float32 frequency table, products in float64 for a float64 model
+        c = t.to(torch.float64 if z_t.dtype == torch.float64 else torch.float32)
+        emb = self.time_embed(timestep_embedding(c, self.config.time_channels, float32_table=True).to(z_t.dtype))
         h = self.layers[0](z_t, emb)
         for layer in self.layers[1:]:
             h = layer(torch.cat([h, z_t], dim=1), emb)
