@@ -34,6 +34,9 @@ def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device
     path = resolve_checkpoint(path)
     if is_torch_pickle(path):
         foreign = read_foreign(path)
+        if foreign.method != "dbae":
+            raise CheckpointError(f"{path} is a {foreign.method.replace('diffae', 'DiffAE').replace('pdae', 'PDAE')} "
+                                  "checkpoint, not a DBAE one; this needs a DBAE checkpoint")
         if not ema:
             raise CheckpointError(f"{path} holds EMA weights only (the authors save no others); drop --raw-weights")
         print(f"note: converted {path.name} in memory ({foreign.provenance['recognised_as']}); "

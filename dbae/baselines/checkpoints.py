@@ -18,7 +18,7 @@ import torch
 from ..checkpoints import FORMAT as DBAE_FORMAT
 from ..checkpoints import list_checkpoints, read_header, read_tagged_safetensors, resolve_checkpoint
 from ..checkpoints.foreign import is_torch_pickle
-from ..checkpoints.imports import OFFICIAL_DBAE, foreign_kind
+from ..checkpoints.imports import METHODS, foreign_kind, read_foreign
 from ..errors import CheckpointError
 from ..inference import LoadedModel, load_model
 from .ddim_autoencoder import DDIMAutoencoder
@@ -41,7 +41,7 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 #: the method of each kind of foreign checkpoint that dbae reads (:mod:`dbae.checkpoints.imports`)
-METHOD_OF_FOREIGN_KIND: dict[str, Method] = {OFFICIAL_DBAE: "dbae"}
+METHOD_OF_FOREIGN_KIND: dict[str, Method] = METHODS  # type: ignore[assignment]
 
 
 def checkpoint_method(path: str | Path) -> Method:
@@ -120,6 +120,8 @@ def load_any(path: str | Path, *, ema: bool = True, device: str | torch.device =
     method = checkpoint_method(path)
     if method == "dbae":
         return load_model(path, ema=ema, device=device)
+    if is_torch_pickle(path):  # the DiffAE or PDAE authors' own file, converted in memory
+        return _load_foreign(path, ema, device)
     if method == "diffae":
         model, preset = load_diffae(path, ema=ema, device=device)
         return LoadedBaseline("diffae", model, preset.name, _step(path), path)
@@ -130,6 +132,26 @@ def load_any(path: str | Path, *, ema: bool = True, device: str | torch.device =
             "stage-2 checkpoint (the run directory itself, e.g. --ckpt RUN rather than RUN/ddpm)"
         )
     return LoadedBaseline("pdae", pdae, pdae_preset.name, _step(path), path, stage)
+
+
+def _load_foreign(path: Path, ema: bool, device: str | torch.device) -> LoadedBaseline:
+    import sys
+
+    from .diffae import DiffAE
+    from .pdae import PDAE
+
+    foreign = read_foreign(path)
+    if not ema:
+        raise CheckpointError(f"{path}: only the authors' EMA weights are read; drop --raw-weights")
+    print(f"note: converted {path.name} in memory ({foreign.provenance['recognised_as']}); `dbae import {path} "
+          "--out RUN` converts it once, into a run directory that records where it came from", file=sys.stderr)
+    with torch.device("meta"):
+        model = DiffAE(foreign.preset.model) if foreign.method == "diffae" else PDAE(foreign.preset.model)
+    model.load_state_dict(foreign.state, assign=True)
+    if foreign.method == "pdae":
+        model.freeze_ddpm()
+    return LoadedBaseline(foreign.method, model.to(device).eval(), foreign.preset.name, foreign.step, path,  # type: ignore[arg-type]
+                          "pdae" if foreign.method == "pdae" else None)
 
 
 def _step(path: Path) -> int:

@@ -51,12 +51,16 @@ def save_pdae(
     model: dict[str, torch.Tensor],
     ema: dict[str, torch.Tensor],
     optim: dict[str, Any] | None = None,
+    extra: dict[str, str] | None = None,
+    before_replace: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write one PDAE checkpoint atomically (module docstring)."""
+    """Write one PDAE checkpoint atomically (module docstring); ``extra`` and
+    ``before_replace`` as :func:`dbae.baselines.train.save_diffae`'s."""
     if stage not in ("ddpm", "pdae"):
         raise ConfigError(f"stage must be 'ddpm' or 'pdae', got {stage!r}")
-    metadata = {"format": FORMAT, "preset": pdae_preset_to_json(preset), "stage": stage, "step": str(step)}
-    return write_weights_file(Path(path), metadata, model, ema, optim)
+    metadata = {**(extra or {}), "format": FORMAT, "preset": pdae_preset_to_json(preset), "stage": stage,
+                "step": str(step)}  # fmt: skip
+    return write_weights_file(Path(path), metadata, model, ema, optim, before_replace)
 
 
 @dataclass

@@ -49,10 +49,13 @@ def save_diffae(
     model: dict[str, torch.Tensor],
     ema: dict[str, torch.Tensor],
     optim: dict[str, Any] | None = None,
+    extra: dict[str, str] | None = None,
+    before_replace: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write one DiffAE checkpoint atomically (module docstring)."""
-    metadata = {"format": FORMAT, "preset": preset_to_json(preset), "step": str(step)}
-    return write_weights_file(Path(path), metadata, model, ema, optim)
+    """Write one DiffAE checkpoint atomically (module docstring); ``extra``: more string
+    metadata, ``before_replace``: see :func:`dbae.checkpoints.atomic_write`."""
+    metadata = {**(extra or {}), "format": FORMAT, "preset": preset_to_json(preset), "step": str(step)}
+    return write_weights_file(Path(path), metadata, model, ema, optim, before_replace)
 
 
 @dataclass

@@ -9,24 +9,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..baselines.checkpoints import LABELS, LoadedBaseline
+from ..errors import ConfigError, DataError
 from ..imageio import save_grid, save_image, to_uint8
 from ..prior.checkpoint import default_prior_dir, load_prior
 from ..prior.generate import check_prior_fits, generate
 from ..prior.identity import AutoencoderRef
 from ..checkpoints import atomic_write, atomic_write_text
+from . import eval_baselines
 from .common import (
     add_checkpoint_arguments,
     add_sampler_arguments,
     add_zoom_argument,
+    apply_sampling_options,
     check_batch_size,
     check_out_dir,
     check_sampler_arguments,
     check_zoom,
-    open_model,
 )
 
-HELP = "generate images: z from the latent prior (DDIM), x_T = Dec(z), then the bridge ODE/SDE"
+HELP = ("generate images: z from the latent prior (DDIM), x_T = Dec(z), then the bridge ODE/SDE (a DiffAE model with "
+        "its imported latent DPM: x_T ~ N(0, I), then its DDIM in --nfe steps)")
 GRID_COLUMNS = 8
 
 
@@ -64,10 +67,21 @@ def run(args: argparse.Namespace) -> int:
                         f"{args.prior_eta}")  # fmt: skip
     check_zoom(args)
     check_out_dir(args.out)
-    loaded = open_model(args)
+    loaded = eval_baselines.open_checkpoint(args)
     model = loaded.model
+    if isinstance(loaded, LoadedBaseline):
+        if loaded.method != "diffae":
+            raise ConfigError(f"{loaded.path} is a {LABELS[loaded.method]} checkpoint: dbae generate samples DBAE "
+                              "models and DiffAE's with their latent DPM")  # fmt: skip
+        if args.sampler != "euler" or args.churn != 0.0 or args.sampling_sigma_T is not None:
+            raise ConfigError("--sampler, --churn and --sampling-sigma-T are DBAE options; a DiffAE model decodes "
+                              "with its DDIM in --nfe steps")  # fmt: skip
+        preset_name = loaded.preset_name
+    else:
+        apply_sampling_options(args, model)
+        preset_name = loaded.preset.name
     device = next(model.parameters()).device
-    ref = AutoencoderRef.of(loaded.path, ema=not args.raw_weights, step=loaded.step, preset=loaded.preset.name,
+    ref = AutoencoderRef.of(loaded.path, ema=not args.raw_weights, step=loaded.step, preset=preset_name,
                             z_dim=model.config.z_dim)
     prior = load_prior(args.prior or default_prior_dir(loaded.path), device=device)
     check_prior_fits(prior, model, ref)
@@ -90,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     }
     atomic_write_text(out / "generate.json", json.dumps(report, indent=2) + "\n")
     mode = "SDE" if args.churn > 0 else "ODE"
-    print(f"{args.n} images, prior {args.prior_steps} DDIM steps, decoder {result.nfe} NFE "
-          f"({args.sampler} {mode}): {out / 'grid.png'}, {out / 'images'}/, {out / 'samples.npy'}")
+    decoder = (f"DiffAE's DDIM {result.nfe} steps from x_T ~ N(0, I)" if isinstance(loaded, LoadedBaseline)
+               else f"decoder {result.nfe} NFE ({args.sampler} {mode})")  # fmt: skip
+    print(f"{args.n} images, prior {args.prior_steps} DDIM steps, {decoder}: {out / 'grid.png'}, {out / 'images'}/, "
+          f"{out / 'samples.npy'}")
     return 0

@@ -1,15 +1,17 @@
-"""``dbae import``: a released checkpoint of the authors' code as a run directory.
+"""``dbae import``: a released checkpoint of the DBAE, DiffAE or PDAE authors as a run directory.
 
 ``dbae import ema_0.9999_1020000.pt --out runs/ffhq128`` recognises the file by its keys and
-shapes (which model, stochastic or deterministic), converts it exactly and writes a run
-directory that every ``--ckpt`` takes. ``dbae import best.pt --classifier --for runs/ffhq128
---out celeba40.safetensors`` turns the authors' 40-attribute linear classifier into a
+shapes (whose, which model, stochastic or deterministic), converts it exactly and writes a run
+directory that every ``--ckpt`` takes (DiffAE's ``last.ckpt`` with a latent DPM: also the run's
+``prior/``, for ``dbae generate``). ``dbae import best.pt --classifier --for runs/ffhq128
+--out celeba40.safetensors`` turns the DBAE authors' 40-attribute linear classifier into a
 classifier file for ``dbae manipulate`` and ``dbae serve``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -24,7 +26,8 @@ from ..errors import DataError
 from ..prior.identity import identify_checkpoint
 from .common import check_out_dir, check_out_file
 
-HELP = "convert a released checkpoint of the DBAE authors (or their attribute classifier) into a run directory"
+HELP = ("convert a released checkpoint of the DBAE, DiffAE or PDAE authors (or the DBAE authors' attribute "
+        "classifier) into a run directory")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="run directory to write (with --classifier: the classifier file, .safetensors)")
     p.add_argument("--num-head-channels", type=int, default=None,
-                   help="channels per attention head of the U-Net (default: the authors' 64; shapes cannot tell "
-                        "it, so give it for a model trained with another num_head_channels)")
+                   help="DBAE: channels per attention head of the U-Net (default: the authors' 64; shapes cannot "
+                        "tell it, so give it for a model trained with another num_head_channels)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="PDAE: attention heads of the U-Net (default 1, the assumed config of their FFHQ128 DPM; "
+                        "shapes cannot tell it)")
     p.add_argument("--classifier", action="store_true",
                    help="SOURCE is the authors' attribute classifier (nn.Linear(512, 40) state dict, best.pt)")
     p.add_argument("--for", dest="for_ckpt", metavar="RUN",
@@ -45,13 +51,17 @@ def run(args: argparse.Namespace) -> int:
         return _import_classifier(args)
     if args.for_ckpt is not None:
         raise DataError("--for goes with --classifier (it names the model a classifier belongs to)")
-    if args.num_head_channels is not None and args.num_head_channels < 1:
-        raise DataError(f"--num-head-channels must be at least 1, got {args.num_head_channels}")
+    for flag, value in (("--num-head-channels", args.num_head_channels), ("--num-heads", args.num_heads)):
+        if value is not None and value < 1:
+            raise DataError(f"{flag} must be at least 1, got {value}")
     check_out_dir(args.out)
-    path = import_run(args.source, args.out, num_head_channels=args.num_head_channels)
+    path = import_run(args.source, args.out, num_head_channels=args.num_head_channels, num_heads=args.num_heads)
     print(f"run directory: {args.out} (checkpoint {path.name}; where it came from: {args.out / 'import.json'})")
-    print(f"use it with any --ckpt, e.g. dbae reconstruct --ckpt {args.out} --images DIR --resize "
-          "(add --sampling-sigma-T 0 --sample-z for the authors' released inference settings)")
+    method = json.loads((args.out / "import.json").read_text())["method"]
+    hint = {"dbae": " (add --sampling-sigma-T 0 --sample-z for the authors' released inference settings)",
+            "diffae": "; dbae generate --ckpt RUN samples from its latent DPM where it came with one",
+            "pdae": ""}[method]  # fmt: skip
+    print(f"use it with any --ckpt, e.g. dbae reconstruct --ckpt {args.out} --images DIR --resize{hint}")
     return 0
 
 

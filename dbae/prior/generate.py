@@ -1,5 +1,7 @@
 """Unconditional generation (the paper's Algorithm 4): z ~ prior (DDIM), x_T = Dec(z),
-then the bridge sampler of SPEC 6 (ODE, or SDE with ``churn > 0``)."""
+then the bridge sampler of SPEC 6 (ODE, or SDE with ``churn > 0``). A DiffAE autoencoder with
+its latent DPM (the authors' latent presets, imported) generates as their ``sample()`` does:
+z ~ prior, x_T ~ N(0, I), then ``nfe`` steps of its DDIM."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError, DataError
+from ..baselines.ddim_autoencoder import DDIMAutoencoder
 from ..model import DBAE
 from ..sampling import SamplerName
 from .checkpoint import LoadedPrior
@@ -27,7 +30,7 @@ class Generation:
     prior_steps: int
 
 
-def check_prior_fits(prior: LoadedPrior, model: DBAE, autoencoder: AutoencoderRef) -> None:
+def check_prior_fits(prior: LoadedPrior, model: DBAE | DDIMAutoencoder, autoencoder: AutoencoderRef) -> None:
     """Raise :class:`CheckpointError` unless ``prior`` was trained on latents of this
     autoencoder checkpoint (same file hash and weights) with a matching z dimension."""
     check_same_autoencoder(prior.autoencoder, autoencoder, "the prior", prior.path)
@@ -40,7 +43,7 @@ def check_prior_fits(prior: LoadedPrior, model: DBAE, autoencoder: AutoencoderRe
 
 @torch.no_grad()
 def generate(
-    model: DBAE,
+    model: DBAE | DDIMAutoencoder,
     prior: LoadedPrior,
     n: int,
     *,
@@ -68,8 +71,12 @@ def generate(
     for start in starts:
         b = min(batch_size, n - start)
         z = prior.sample(b, prior_steps, eta=eta, generator=generator)
-        x_T = model.endpoint(z)
-        out = model.decode(z, nfe, sampler=sampler, churn=churn, x_T=x_T, generator=generator)
+        if isinstance(model, DBAE):
+            x_T = model.endpoint(z)
+            out = model.decode(z, nfe, sampler=sampler, churn=churn, x_T=x_T, generator=generator)
+        else:  # DiffAE: from x_T ~ N(0, I)
+            out = model.decode(z.to(next(model.parameters()).dtype), None, nfe, generator=generator)
+            x_T = out.x_T
         images.append(out.images.cpu())
         zs.append(z.cpu())
         ends.append(x_T.cpu())
