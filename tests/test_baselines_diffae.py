@@ -22,6 +22,7 @@ from dbae.baselines import (
     train_diffae,
 )
 from dbae.baselines.config import preset_from_dict
+from dbae.spacing import diffae_timesteps, pdae_timesteps
 from dbae.baselines.train import read_diffae_checkpoint
 from dbae.config import EncoderConfig, to_dict
 from dbae.data.shapes import ShapesDataset
@@ -57,27 +58,55 @@ def test_alphas_bar_closed_form() -> None:
     assert bool((got[1:] < got[:-1]).all())
 
 
-def test_ddim_timesteps_match_diffae_spacing() -> None:
+def test_ddim_timesteps_are_the_authors_spacings() -> None:
+    """DiffAE's "ddimK" (the first stride with exactly K timesteps 0, s, 2s, ...; T - 1 never
+    used) and PDAE's (K + 1 points of int(linspace(0, T - 1, K + 1))), as their READMEs list them."""
+    assert diffae_timesteps(1000, 10) == list(range(0, 1000, 100))
+    assert diffae_timesteps(1000, 20) == list(range(0, 1000, 50))
+    assert diffae_timesteps(1000, 100) == list(range(0, 1000, 10))
+    assert diffae_timesteps(1000, 200) == list(range(0, 1000, 5))
+    assert diffae_timesteps(1000, 250) == list(range(0, 1000, 4)) and diffae_timesteps(1000, 250)[-1] == 996
+    assert diffae_timesteps(1000, 1000) == list(range(1000))
+    for impossible in (1, 999):
+        with pytest.raises(ConfigError, match="no stride"):
+            diffae_timesteps(1000, impossible)
+    assert pdae_timesteps(1000, 10) == [0, 99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+    ts = pdae_timesteps(1000, 100)
+    assert len(ts) == 101 and ts[:4] == [0, 9, 19, 29] and ts[-2:] == [989, 999]
+
+
+def test_ddim_plans_start_and_end_where_the_authors_do() -> None:
+    """DiffAE decodes from abar[t_{K-1}] to abar = 1 and inverts from abar[0] (x_0 taken as the
+    state at t = 0) to abar = 0; PDAE decodes from abar[999] to abar[0] (never evaluating t = 0)
+    and inverts back; stop_percent p drops the shift from the steps with j - 1 < int(p K)."""
     sched = DDPMSchedule()
-    assert sched.ddim_timesteps(1) == [999]
-    assert sched.ddim_timesteps(2) == [0, 999]
-    assert sched.ddim_timesteps(4) == [0, 333, 666, 999]
-    assert sched.ddim_timesteps(10) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
-    assert sched.ddim_timesteps(1000) == list(range(1000))
-    for k in (3, 20, 100, 250, 999):
-        ts = sched.ddim_timesteps(k)
-        assert len(set(ts)) == k and ts == sorted(ts) and ts[0] == 0 and ts[-1] == 999
+    ab = sched.alphas_bar.tolist()
+    dec = sched.ddim_plan("diffae", 10)
+    assert [s.t for s in dec] == list(range(900, -1, -100))
+    assert (dec[0].a, dec[0].a_next, dec[-1].a, dec[-1].a_next) == (ab[900], ab[800], ab[0], 1.0)
+    inv = sched.ddim_plan("diffae", 10, invert=True)
+    assert [s.t for s in inv] == list(range(0, 1000, 100))
+    assert (inv[0].a, inv[0].a_next, inv[-1].a, inv[-1].a_next) == (ab[0], ab[100], ab[900], 0.0)
+    dec = sched.ddim_plan("pdae", 10)
+    assert [s.t for s in dec] == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert (dec[0].a, dec[-1].a_next) == (ab[999], ab[0])
+    inv = sched.ddim_plan("pdae", 10, invert=True)
+    assert (inv[0].t, inv[0].a, inv[-1].a_next) == (0, ab[0], ab[999])
+    shifted = [s.shift for s in sched.ddim_plan("pdae", 10, stop_percent=0.3)]
+    assert shifted == [True] * 7 + [False] * 3  # j = 10 .. 4 shifted, 3 .. 1 not
+    with pytest.raises(ConfigError, match="DDIM rule"):
+        sched.ddim_plan("ours", 10)
 
 
 # ----- (1) DDIM against the exact Gaussian eps -----
 def test_ddim_sampling_reproduces_gaussian_data() -> None:
-    """Sampling with the exact eps: at 1000 steps the samples have mean M and std S.
+    """Decoding with the exact eps (DiffAE's grid): at 1000 steps the samples have mean M and std S.
 
     x_T is standardized to mean 0 / std 1 exactly (so there is no Monte Carlo error in the
     moments: the map is affine). What remains: (a) x_T ~ N(0, 1) instead of the true marginal
     N(sqrt(ab_T) M, v_T), a mean bias of M S sqrt(ab_T) / sqrt(v_T) ~ 8e-4; (b) DDIM's
     first-order discretization error, about 0.5% of the std at 1000 steps. Tolerance 1%.
-    Pointwise, the error against the exact flow map shrinks like 1/steps."""
+    Pointwise, the error against the exact flow map shrinks with the steps."""
     sched = DDPMSchedule()
     eps = gaussian_eps(M, S, sched.alphas_bar)
     g = torch.Generator().manual_seed(0)
@@ -88,43 +117,40 @@ def test_ddim_sampling_reproduces_gaussian_data() -> None:
     assert abs(out.x.mean().item() - M) < 0.01 * S
     assert abs(out.x.std().item() / S - 1.0) < 0.01
 
-    exact = _flow_map(x_T, sched.alphas_bar[-1].item())
-    errs = {k: (sched.sample(eps, x_T, k).x - exact).abs().max().item() for k in (10, 100, 1000)}
+    errs = {}
+    for k in (10, 100, 1000):  # each grid starts at its own level abar[t_{K-1}]
+        exact = _flow_map(x_T, sched.level(diffae_timesteps(1000, k)[-1]))
+        errs[k] = (sched.sample(eps, x_T, k).x - exact).abs().max().item()
     assert errs[10] > errs[100] > errs[1000]
     assert errs[100] / errs[1000] > 5  # first order: 10x fewer steps, ~10x the error
     assert errs[1000] < 0.01
 
 
 def test_ddim_inversion_then_decoding_reconstructs() -> None:
-    """Inversion then decoding with the same number of steps returns the input.
-
-    Both directions are explicit Euler steps of the same ODE on the same grid, so they do
-    not cancel exactly: the round trip error is first order, ~6/steps for these points (up
-    to 2.5 std from the mean); measured 0.063 at 100 steps and 0.0065 at 1000. Tolerance
-    0.01 at 1000 steps, and a >5x drop from 100 to 1000 steps (1/steps predicts 10x). The
-    inverted x_T also matches the exact flow map's inverse to 0.015 at 1000 steps."""
+    """Inversion then decoding with the same number of steps returns the input, up to the
+    first-order error of both directions and the ends the authors' grids leave between them
+    (DiffAE's inversion takes x_0 at level abar[0], not 1, and ends at abar = 0, where its
+    decode starts at abar[t_{K-1}]; PDAE's decode ends at abar[0]). Measured on these points
+    (up to 2.5 std from the mean): DiffAE 0.064 at 100 steps and 0.0080 at 1000, PDAE 0.061 and
+    0.0065. The error falls more than 5x from 100 to 1000 steps, and stays within 0.015."""
     sched = DDPMSchedule()
     eps = gaussian_eps(M, S, sched.alphas_bar)
     x0 = (M + S * torch.linspace(-2.5, 2.5, 96, dtype=torch.float64)).view(6, 1, 4, 4)
-    errs = {}
-    for k in (10, 100, 1000):
-        inv = sched.invert(eps, x0, k)
-        assert inv.nfe == k
-        rec = sched.sample(eps, inv.x, k)
-        errs[k] = (rec.x - x0).abs().max().item()
-    assert errs[10] > errs[100] > errs[1000]
-    assert errs[100] / errs[1000] > 5
-    assert errs[1000] < 0.01
-
-    ab_T = sched.alphas_bar[-1].item()
-    v_T = ab_T * S**2 + 1.0 - ab_T
-    exact_T = (x0 - M) / S * v_T**0.5 + ab_T**0.5 * M
-    assert (sched.invert(eps, x0, 1000).x - exact_T).abs().max().item() < 0.015
+    for rule in ("diffae", "pdae"):
+        errs = {}
+        for k in (10, 100, 1000):
+            inv = sched.invert(eps, x0, k, rule=rule)
+            assert inv.nfe == k
+            errs[k] = (sched.sample(eps, inv.x, k, rule=rule).x - x0).abs().max().item()
+        assert errs[10] > errs[100] > errs[1000], (rule, errs)
+        assert errs[100] / errs[1000] > 5, (rule, errs)
+        assert errs[1000] < 0.015, (rule, errs)
 
 
 def test_ddim_step_is_exact_for_the_true_noise() -> None:
     """With eps equal to the noise that made x_t, one DDIM step lands exactly on the
-    forward-process point of the same (x_0, eps) at any other level, in either direction."""
+    forward-process point of the same (x_0, eps) at any other level, in either direction;
+    its second output is x_0."""
     sched = DDPMSchedule()
     g = torch.Generator().manual_seed(3)
     x0 = torch.rand(8, 3, dtype=torch.float64, generator=g) * 2 - 1
@@ -132,14 +158,17 @@ def test_ddim_step_is_exact_for_the_true_noise() -> None:
     for t, t_next in ((999, 500), (500, 0), (0, 700), (10, 999)):
         a, b = sched.level(t), sched.level(t_next)
         x_t = a**0.5 * x0 + (1 - a) ** 0.5 * noise
-        got = sched.ddim_step(x_t, noise, a, b, clip=True)  # x0 in [-1, 1]: clipping is inert
+        got, x0_hat = sched.ddim_step(x_t, noise, a, b, clip=True)  # x0 in [-1, 1]: clipping is inert
         assert torch.allclose(got, b**0.5 * x0 + (1 - b) ** 0.5 * noise, rtol=0, atol=1e-12)
-    x_data = sched.ddim_step(x0, noise, 1.0, sched.level(0))  # from abar = 1 (x_0 itself)
-    assert torch.allclose(x_data, sched.level(0) ** 0.5 * x0 + (1 - sched.level(0)) ** 0.5 * noise, atol=1e-14)
+        assert torch.allclose(x0_hat, x0, rtol=0, atol=1e-12)
+    # to abar = 1 the step returns x0_hat, to abar = 0 the (re-derived) eps
+    a = sched.level(0)
+    x_t = a**0.5 * x0 + (1 - a) ** 0.5 * noise
+    assert torch.allclose(sched.ddim_step(x_t, noise, a, 1.0)[0], x0, atol=1e-12)
+    assert torch.allclose(sched.ddim_step(x_t, noise, a, 0.0)[0], noise, atol=1e-10)
     # the clipped step re-derives eps from the clamped x0_hat
     x_t = torch.full((1, 1), 0.9, dtype=torch.float64)
-    a, b = sched.level(0), sched.level(-1)
-    assert sched.ddim_step(x_t, torch.full_like(x_t, -50.0), a, b, clip=True).item() == 1.0
+    assert sched.ddim_step(x_t, torch.full_like(x_t, -50.0), sched.level(0), 1.0, clip=True)[0].item() == 1.0
 
 
 # ----- (3) a tiny DiffAE on shapes -----
@@ -205,7 +234,7 @@ def test_nfe_accounting() -> None:
 
     z = model.encode(x)
     assert (unet.calls, encoder.calls) == (0, 1)
-    for steps in (1, 2, 7, 25):
+    for steps in (2, 7, 25):  # counts DiffAE's spacing can make (1 it cannot)
         before = unet.calls
         inv = model.infer_x_T(x, z, steps)
         assert inv.nfe == steps == unet.calls - before

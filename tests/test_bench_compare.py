@@ -146,16 +146,16 @@ def test_a_missing_pdae_is_skipped_with_a_note(monkeypatch):
 def test_cli_end_to_end_writes_table_json_markdown(capsys, tmp_path):
     out = tmp_path / "cmp"
     code, stdout, err = run(capsys, "bench", "compare", "--preset", "tiny16", "--methods", "dbae", "diffae",
-                            "--batch", "2", "--nfe", "3", "--inversion-steps", "4", "--decode-steps", "2",
+                            "--batch", "2", "--nfe", "4", "--inversion-steps", "4", "--decode-steps", "2",
                             "--runs", "2", "--warmup", "0", "--quality", "2", "--out", str(out))  # fmt: skip
     assert code == 0, err
     assert "x_T ms" in stdout and "random weights: a smoke check" in stdout
     data = json.loads((out / "compare.json").read_text())
     rows = {(r["method"], r["setting"]): r for r in data["rows"]}
-    assert rows["dbae", "authors"]["total_nfe"] == 3 and rows["dbae", "authors"]["infer_nfe"] == 0
+    assert rows["dbae", "authors"]["total_nfe"] == 4 and rows["dbae", "authors"]["infer_nfe"] == 0
     assert (rows["diffae", "authors"]["infer_nfe"], rows["diffae", "authors"]["decode_nfe"]) == (4, 2)
-    assert rows["diffae", "equal-nfe"]["total_nfe"] == rows["dbae", "equal-nfe"]["total_nfe"] == 3
-    assert data["meta"]["random_weights"] is True and data["meta"]["equal_nfe"] == 3
+    assert rows["diffae", "equal-nfe"]["total_nfe"] == rows["dbae", "equal-nfe"]["total_nfe"] == 4
+    assert data["meta"]["random_weights"] is True and data["meta"]["equal_nfe"] == 4
     assert [q["method"] for q in data["quality"]] == ["dbae", "diffae"]
     md = (out / "compare.md").read_text()
     assert "| DiffAE | authors | 4 | 2 |" in md and "smoke check" in md

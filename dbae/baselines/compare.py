@@ -147,21 +147,33 @@ class InversionAdapter(Adapter):
         if self.max_steps is None and hasattr(cfg, "schedule"):
             self.max_steps = getattr(cfg.schedule, "timesteps", None)
 
-    def _check(self, steps: int, what: str) -> None:
+    def _check(self, steps: int, what: str, invert: bool = False) -> None:
         hi = "" if self.max_steps is None else f", at most {self.max_steps} (this model's schedule)"
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or (
             self.max_steps is not None and steps > self.max_steps
         ):
             raise ConfigError(f"{self.name} {what} must be an integer >= 1{hi}, got {steps!r}")
+        plan = getattr(self.model, "ddim_steps", None)
+        if plan is not None:  # the method's authors' grid must be able to make that count
+            plan(steps, what, invert=invert)
 
     def check(self, infer_steps: int, decode_steps: int) -> None:
-        self._check(infer_steps, "inversion steps")
+        self._check(infer_steps, "inversion steps", invert=True)
         self._check(decode_steps, "decode steps")
 
     def split(self, nfe: int) -> tuple[int, int]:
+        """The most even split of ``nfe`` into inversion and decode steps that the method's
+        DDIM grid can make (DiffAE's spacing takes only some counts)."""
         if nfe < 2:
             raise ConfigError(f"{self.name} needs an equal NFE >= 2 (>= 1 to invert, >= 1 to decode), got {nfe}")
-        return nfe // 2, nfe - nfe // 2
+        for inv in sorted(range(1, nfe), key=lambda a: (abs(nfe - 2 * a), a)):
+            try:
+                self.check(inv, nfe - inv)
+            except ConfigError:
+                continue
+            return inv, nfe - inv
+        raise ConfigError(f"{self.name}'s DDIM grid cannot split an equal NFE of {nfe} into inversion and decode "
+                          "steps; choose another --equal-nfe")
 
     def dec_psi_passes(self, infer_nfe: int) -> int:
         return self.dec_psi_per_step * infer_nfe

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
+from ..config import OFFICIAL_DBAE
 from ..config import PRESETS as DBAE_PRESETS
 from ..config import (
     EncoderConfig,
@@ -114,14 +115,39 @@ class DiffAEPreset:
     train: DiffAETrainConfig
 
 
+def official_diffae_models() -> dict[str, DiffAEConfig]:
+    """The networks of the DiffAE authors' released models (github.com/phizaz/diffae): the U-Net
+    with per-block z scales, a 512-wide time embedding and one attention head, at sides 16 and
+    in the middle; the encoder with one head. ``ffhq128-official`` is the layout of their
+    ffhq128_autoenc_130M and _72M, horse128 and bedroom128 models."""
+
+    def config(size: int, ch: int, mult: tuple[int, ...], enc_mult: tuple[int, ...]) -> DiffAEConfig:
+        unet = UNetConfig(base_channels=ch, channel_mult=mult, num_res_blocks=2, attention_resolutions=(16,),
+                          dropout=0.1, num_groups=32, num_heads=1, embed_channels=512, z_conditioning="block-scale",
+                          float32_time_table=True)  # fmt: skip
+        encoder = EncoderConfig(base_channels=ch, channel_mult=enc_mult, num_res_blocks=2, attention_resolutions=(16,),
+                                num_heads=1, num_groups=32, stochastic=False)  # fmt: skip
+        return DiffAEConfig(image_size=size, image_channels=3, z_dim=512, unet=unet, encoder=encoder)
+
+    return {
+        "ffhq128-official": config(128, 128, (1, 1, 2, 3, 4), (1, 1, 2, 3, 4, 4)),
+        "ffhq256-official": config(256, 128, (1, 1, 2, 2, 4, 4), (1, 1, 2, 2, 4, 4, 4)),
+        "celeba64-official": config(64, 64, (1, 2, 4, 8), (1, 2, 4, 8, 8)),
+    }
+
+
 def diffae_preset(name: str) -> DiffAEPreset:
     """The DiffAE preset mirroring DBAE preset ``name`` (``celeba64``, ``ffhq128``, ``horse128``,
-    ``bedroom128``, ``shapes32``, ``shapes16``, ``tiny16``), or ``tiny8``: a minimal CPU model
-    (8x8 images, 8-dim z) for smoke tests."""
+    ``bedroom128``, ``shapes32``, ``shapes16``, ``tiny16``); ``tiny8``: a minimal CPU model
+    (8x8 images, 8-dim z) for smoke tests; the authors' released networks
+    (:func:`official_diffae_models`: ``ffhq128-official``, ``ffhq256-official``, ``celeba64-official``)."""
     if name == "tiny8":
         return _tiny8()
-    if name not in DBAE_PRESETS:
-        choices = ", ".join(sorted([*DBAE_PRESETS, "tiny8"]))
+    official = official_diffae_models()
+    if name in official:
+        return DiffAEPreset(name, official[name], DiffAETrainConfig())
+    if name not in DIFFAE_PRESETS:
+        choices = ", ".join(DIFFAE_PRESETS)
         raise ConfigError(f"unknown DiffAE preset {name!r}; choose one of: {choices}")
     p = get_preset(name)
     t = p.train
@@ -149,7 +175,10 @@ def _tiny8() -> DiffAEPreset:
     return DiffAEPreset("tiny8", model, train)
 
 
-DIFFAE_PRESETS: tuple[str, ...] = (*sorted(DBAE_PRESETS), "tiny8")
+#: DiffAE presets: those mirroring the DBAE presets of the paper and for the CPU (not the DBAE authors'
+#: released networks), tiny8, and the DiffAE authors' released networks
+DIFFAE_PRESETS: tuple[str, ...] = tuple(sorted({*(n for n in DBAE_PRESETS if n not in OFFICIAL_DBAE), "tiny8",
+                                                *official_diffae_models()}))
 
 
 # ----- (de)serialization -----

@@ -168,11 +168,12 @@ class DDPMSchedule:
 
     @torch.no_grad()
     def run(
-        self, eps_fn: EpsFn, x: Tensor, plan: list[DDIMStep], *, clip: bool = True, progress: bool = False,
+        self, eps_fn: EpsFn, x: Tensor, plan: list[DDIMStep], *, clip: bool = False, progress: bool = False,
         trajectory: list[tuple[Tensor, Tensor]] | None = None, desc: str = "DDIM",
     ) -> DDIMResult:  # fmt: skip
         """Run the steps of ``plan`` from ``x``: one ``eps_fn(x, t, shift)`` per step (its NFE).
-        ``trajectory``: gets (state after, x0_hat) of every step."""
+        ``clip``: clamp x0_hat (as both authors' ``clip_denoised=True``, which the autoencoders
+        pass); ``trajectory``: gets (state after, x0_hat) of every step."""
         it = plan
         if progress:
             from tqdm.auto import tqdm
@@ -188,13 +189,13 @@ class DDPMSchedule:
                 trajectory.append((x, x0_hat))
         return DDIMResult(x, nfe)
 
-    def sample(self, eps_fn: EpsFn, x_T: Tensor, steps: int, *, rule: str = "diffae", clip: bool = True,
+    def sample(self, eps_fn: EpsFn, x_T: Tensor, steps: int, *, rule: str = "diffae", clip: bool = False,
                stop_percent: float = 0.0, progress: bool = False) -> DDIMResult:  # fmt: skip
         """Deterministic DDIM decode from ``x_T`` under ``rule``: ``steps`` NFE."""
         plan = self.ddim_plan(rule, steps, stop_percent=stop_percent)
         return self.run(eps_fn, x_T, plan, clip=clip, progress=progress, desc="DDIM sample")
 
-    def invert(self, eps_fn: EpsFn, x0: Tensor, steps: int, *, rule: str = "diffae", clip: bool = True,
+    def invert(self, eps_fn: EpsFn, x0: Tensor, steps: int, *, rule: str = "diffae", clip: bool = False,
                progress: bool = False) -> DDIMResult:  # fmt: skip
         """DDIM inversion of ``x0`` under ``rule``: ``steps`` NFE; its result is where
         :meth:`sample` with the same rule starts."""

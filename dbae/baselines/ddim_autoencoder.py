@@ -72,7 +72,8 @@ class DDIMAutoencoder(nn.Module):
         raise NotImplementedError
 
     # ----- inference (results: see the subclasses' public methods) -----
-    def _plan(self, steps: int, what: str, *, invert: bool = False, stop_percent: float = 0.0) -> list[DDIMStep]:
+    def ddim_steps(self, steps: int, what: str = "DDIM steps", *, invert: bool = False,
+                   stop_percent: float = 0.0) -> list[DDIMStep]:  # fmt: skip
         """The DDIM steps of ``steps`` under the method's rule; ConfigError (before any network
         runs) for a count outside the schedule or one the rule's spacing cannot make."""
         steps = check_steps(steps, self.schedule.timesteps, what)
@@ -85,7 +86,7 @@ class DDIMAutoencoder(nn.Module):
         """(x_T, NFE) of images ``x`` by DDIM inversion under ``sampling_eps(., ., z)``, with
         ``z = E(x)`` when not given: exactly ``steps`` NFE."""
         self.check_images(x)
-        plan = self._plan(steps, "inversion steps", invert=True)
+        plan = self.ddim_steps(steps, "inversion steps", invert=True)
         if z is None:
             z = self.encode(x)
         self.check_latents(z)
@@ -101,7 +102,7 @@ class DDIMAutoencoder(nn.Module):
         """Deterministic DDIM from ``x_T`` (``x_T ~ N(0, I)`` from ``generator`` when None):
         exactly ``steps`` NFE."""
         self.check_latents(z)
-        plan = self._plan(steps, "decode steps", stop_percent=stop_percent)
+        plan = self.ddim_steps(steps, "decode steps", stop_percent=stop_percent)
         c, s = self.config.image_channels, self.config.image_size  # type: ignore[attr-defined]
         if x_T is None:
             p = next(self.parameters())
@@ -127,8 +128,8 @@ class DDIMAutoencoder(nn.Module):
         decode. Step counts are checked before any network runs."""
         self.check_images(x)
         if not random_x_T:
-            self._plan(inversion_steps, "inversion steps", invert=True)
-        self._plan(decode_steps, "decode steps")
+            self.ddim_steps(inversion_steps, "inversion steps", invert=True)
+        self.ddim_steps(decode_steps, "decode steps")
         z = self.encode(x)
         if random_x_T:
             inv_nfe, x_T = 0, None

@@ -302,7 +302,7 @@ class PDAE(DDIMAutoencoder):
         if not (0.0 <= stop_percent <= 1.0):
             raise ConfigError(f"stop_percent must lie in [0, 1], got {stop_percent}")
         dec = self._decode(z, x_T, steps, generator, clip, progress, stop_percent=stop_percent, trajectory=trajectory)
-        shifted = sum(step.shift for step in self._plan(steps, "decode steps", stop_percent=stop_percent))
+        shifted = sum(step.shift for step in self.ddim_steps(steps, "decode steps", stop_percent=stop_percent))
         return PDAEDecoding(dec.images, dec.x_T, dec.nfe, dec.nfe + shifted)
 
     @torch.no_grad()

@@ -114,11 +114,27 @@ class PDAEPreset:
     train: DiffAETrainConfig
 
 
+def official_pdae_models() -> dict[str, PDAEConfig]:
+    """The networks of the PDAE authors' FFHQ128 model (github.com/ckczzj/PDAE): their CNN encoder,
+    the pre-trained DPM U-Net (its config is not public: assumed DiffAE's ffhq128_ddpm, one
+    attention head at side 16) and the shift branch over its input path."""
+    from .pdae_nets import PDAE_ENCODERS
+
+    unet = UNetConfig(base_channels=128, channel_mult=(1, 1, 2, 3, 4), num_res_blocks=2, attention_resolutions=(16,),
+                      dropout=0.1, num_groups=32, num_heads=1, float32_time_table=True)  # fmt: skip
+    model = PDAEConfig(image_size=128, z_dim=512, unet=unet, gradient_unet=unet, gradient="shift",
+                       encoder_kind="conv", conv_encoder=PDAE_ENCODERS[128])  # fmt: skip
+    return {"ffhq128-official": model}
+
+
 def pdae_preset(name: str) -> PDAEPreset:
     """The PDAE preset mirroring DBAE preset ``name`` (``celeba64``, ``ffhq128``, ``horse128``,
-    ``bedroom128``, ``shapes32``, ``shapes16``, ``tiny16``), or ``tiny8``: a minimal CPU model
-    (8x8 images, 8-dim z) for smoke tests."""
-    if name not in DIFFAE_PRESETS:
+    ``bedroom128``, ``shapes32``, ``shapes16``, ``tiny16``); ``tiny8``: a minimal CPU model
+    (8x8 images, 8-dim z) for smoke tests; the authors' FFHQ128 network (:func:`official_pdae_models`)."""
+    official = official_pdae_models()
+    if name in official:
+        return PDAEPreset(name, official[name], DiffAETrainConfig(), DiffAETrainConfig())
+    if name not in PDAE_PRESETS:
         raise ConfigError(f"unknown PDAE preset {name!r}; choose one of: {', '.join(sorted(DIFFAE_PRESETS))}")
     base = diffae_preset(name)  # the same backbones and training settings as DiffAE's preset
     m = base.model
@@ -129,7 +145,9 @@ def pdae_preset(name: str) -> PDAEPreset:
     return PDAEPreset(name, model, base.train, base.train)
 
 
-PDAE_PRESETS: tuple[str, ...] = DIFFAE_PRESETS
+#: PDAE presets: those mirroring the DBAE presets (as DiffAE's), tiny8, and the PDAE authors' FFHQ128 network
+PDAE_PRESETS: tuple[str, ...] = tuple(sorted({*(p for p in DIFFAE_PRESETS if not p.endswith("-official")),
+                                              *official_pdae_models()}))
 
 
 # ----- (de)serialization -----

@@ -1,0 +1,163 @@
+"""DBAE against DiffAE and PDAE as their authors released them, at real size (not a test).
+
+The released files cannot be downloaded here, so this builds one file per method in its
+authors' exact layout from the key lists of their released FFHQ128 models, with random
+weights (cost only: nothing here measures quality):
+
+- DBAE: ``ema_0.9999_1020000.pt`` (tests/fixtures/official_dbae/keymaps/ffhq128_sto.json, as
+  benchmarks/bench_import.py builds it);
+- DiffAE: ``last.ckpt`` of ``ffhq128_autoenc_130M`` (its ``ema_model.*`` networks and ``x_T``;
+  official_diffae/keymaps/ffhq128_autoenc_130M.json);
+- PDAE: a representation-learning ``checkpoint.pt`` (``ema_encoder``, ``ema_decoder``; the FFHQ128
+  encoder and the assumed shift U-Net of official_pdae/keymaps),
+
+imports each with ``dbae import`` (timed), and times all three in one process and runtime
+at their authors' inference settings: DBAE one encoder pass, one decoder pass and K bridge
+steps; DiffAE its 250-step DDIM inversion and 100-step decode; PDAE its 100-step inversion and
+100-step decode (each step one pass of the shared U-Net path giving eps and G). Timed: infer
+(images -> z, x_T) and decode ((z, x_T) -> images), each ``--runs`` times after ``--warmup``.
+
+    python benchmarks/bench_official_compare.py --device cpu --runs 1   # JSON to docs/data/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_import import build_file  # noqa: E402  (the DBAE layout builder)
+
+#: the authors' inference settings: method -> (inversion steps, decode steps)
+AUTHORS = {"diffae": (250, 100), "pdae": (100, 100)}
+
+
+def _random(entries: list[dict], seed: int) -> "OrderedDict[str, torch.Tensor]":
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict((e["key"], torch.randn(e["shape"], generator=g) * 0.02) for e in entries)
+
+
+def build_diffae(path: Path) -> dict:
+    data = json.loads((FIXTURES / "official_diffae" / "keymaps" / "ffhq128_autoenc_130M.json").read_text())
+    entries = [e for e in data["state_dict"] if e["key"].startswith("ema_model.") or e["key"] == "x_T"]
+    torch.save({"state_dict": _random(entries, 1), "global_step": 0, "epoch": 0}, path)
+    return {"keymap": "official_diffae/keymaps/ffhq128_autoenc_130M.json", "tensors": len(entries),
+            "note": "ema_model.* and x_T only (the import reads nothing else)"}
+
+
+def build_pdae(path: Path) -> dict:
+    keymaps = FIXTURES / "official_pdae" / "keymaps"
+    enc = json.loads((keymaps / "ffhq128_encoder.json").read_text())["state_dict"]
+    dec = json.loads((keymaps / "ffhq128_ASSUMED_shift_unet_decoder.json").read_text())["state_dict"]
+    torch.save({"step": 0, "ema_encoder": _random(enc, 2), "ema_decoder": _random(dec, 3)}, path)
+    return {"keymaps": ["official_pdae/keymaps/ffhq128_encoder.json",
+                        "official_pdae/keymaps/ffhq128_ASSUMED_shift_unet_decoder.json"],
+            "tensors": len(enc) + len(dec), "note": "ema_encoder and ema_decoder only"}
+
+
+def _import(src: Path, out: Path) -> float:
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "dbae.cli.main", "import", str(src), "--out", str(out)],
+                         capture_output=True, text=True)  # fmt: skip
+    if run.returncode != 0:
+        raise SystemExit(f"dbae import {src} failed:\n{run.stderr}")
+    return time.perf_counter() - t0
+
+
+def _time(fn, warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000.0)
+    return out
+
+
+@torch.no_grad()
+def measure(runs: dict[str, Path], device: torch.device, dbae_nfe: int, warmup: int, repeats: int) -> list[dict]:
+    from dbae.baselines.checkpoints import load_any
+
+    rows = []
+    for method, run in runs.items():
+        loaded = load_any(run, device=device)
+        model = loaded.model
+        size = model.config.image_size
+        x = (torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+        if method == "dbae":
+            infer = lambda: model.endpoint(model.encode(x))  # noqa: E731
+            z = model.encode(x)
+            x_T = model.endpoint(z)
+            decode = lambda: model.decode(z, dbae_nfe, x_T=x_T)  # noqa: E731
+            nfe = (0, model.decode(z, dbae_nfe, x_T=x_T).nfe)
+            steps = (0, nfe[1])
+        else:
+            inv, dec = AUTHORS[method]
+            z = model.encode(x)
+            x_T = model.infer_x_T(x, z, inv).x_T
+            infer = lambda: model.infer_x_T(x, model.encode(x), inv)  # noqa: E731
+            decode = lambda: model.decode(z, x_T, dec)  # noqa: E731
+            steps = nfe = (inv, dec)
+        t_inf, t_dec = _time(infer, warmup, repeats), _time(decode, warmup, repeats)
+        params = sum(p.numel() for p in model.parameters())
+        rows.append({"method": method, "preset": getattr(loaded, "preset_name", None) or loaded.preset.name,
+                     "parameters": params, "inversion_steps": steps[0], "decode_steps": steps[1],
+                     "infer_nfe": nfe[0], "decode_nfe": nfe[1], "infer_ms": t_inf, "decode_ms": t_dec,
+                     "infer_median_ms": statistics.median(t_inf), "decode_median_ms": statistics.median(t_dec)})
+        print(f"{method:<7} {rows[-1]['preset']:<18} {params / 1e6:7.1f}M  infer {steps[0]:>4} steps "
+              f"{rows[-1]['infer_median_ms']:10.1f} ms   decode {steps[1]:>4} steps {rows[-1]['decode_median_ms']:10.1f} ms",
+              flush=True)  # fmt: skip
+        del loaded, model
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dbae-nfe", type=int, default=10, help="DBAE's decode NFE (default 10)")
+    p.add_argument("--runs", type=int, default=1, help="timed repeats of each operation (default 1)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed calls first (default 0)")
+    p.add_argument("--workdir", type=Path, help="where the files and runs go (default: a temporary folder)")
+    p.add_argument("--json", type=Path, default=ROOT / "docs" / "data" / "official_compare_ffhq128_cpu.json")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        files = {"dbae": tmp / "ema_0.9999_1020000.pt", "diffae": tmp / "last.ckpt", "pdae": tmp / "checkpoint.pt"}
+        built = {"dbae": build_file(FIXTURES / "official_dbae" / "keymaps" / "ffhq128_sto.json", files["dbae"], True),
+                 "diffae": build_diffae(files["diffae"]), "pdae": build_pdae(files["pdae"])}  # fmt: skip
+        runs = {m: tmp / f"run-{m}" for m in files}
+        imports = {m: _import(files[m], runs[m]) for m in files}
+        for m, s in imports.items():
+            print(f"dbae import ({m}, {files[m].stat().st_size / 2**20:.0f} MiB): {s:.1f} s", flush=True)
+        rows = measure(runs, device, args.dbae_nfe, args.warmup, args.runs)
+        sizes = {m: files[m].stat().st_size for m in files}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.node(), "cpu_count": os.cpu_count(),
+              "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+              "load_average_after": os.getloadavg(), "batch": 1, "runs": args.runs, "warmup": args.warmup,
+              "built": built, "file_bytes": sizes, "import_seconds": imports, "rows": rows,
+              "authors_settings": {"dbae": f"one encoder pass, one decoder pass, {args.dbae_nfe} NFE",
+                                   **{m: f"{a}-step inversion + {b}-step decode" for m, (a, b) in AUTHORS.items()}}}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
