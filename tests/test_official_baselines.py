@@ -166,9 +166,10 @@ def pdae_outputs(dtype: torch.dtype, ddim: tuple[str, ...] = ("dec_x0", "dec_x0_
         if "recon_x0" in ddim:
             out["recon_x0"] = model.decode(z, out["inv_x_T"], 10).images
         if "dpm_dec_x0" in ddim:
-            out["dpm_dec_x0"] = model.schedule.run(plain, x_T, model.schedule.ddim_plan("pdae", 10)).x
+            out["dpm_dec_x0"] = model.schedule.run(plain, x_T, model.schedule.ddim_plan("pdae", 10), clip=True).x
         if "dpm_inv_x_T" in ddim:
-            out["dpm_inv_x_T"] = model.schedule.run(plain, x0, model.schedule.ddim_plan("pdae", 10, invert=True)).x
+            out["dpm_inv_x_T"] = model.schedule.run(plain, x0, model.schedule.ddim_plan("pdae", 10, invert=True),
+                                                    clip=True).x  # fmt: skip
     return out
 
 

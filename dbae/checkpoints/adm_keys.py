@@ -171,5 +171,85 @@ class StateMapper:
         return Conversion(self.out, self.dropped, notes)
 
 
+# ----- reading a layout off the shapes -----
+def _entries(state: Mapping[str, Tensor], prefix: str) -> dict[int, set[int]]:
+    """index N -> sub-indices M of the keys ``<prefix>N.M.*``."""
+    found: dict[int, set[int]] = {}
+    for key in state:
+        if m := re.match(rf"{re.escape(prefix)}(\d+)\.(\d+)\.", key):
+            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return found
+
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """An ADM U-Net's layout as its keys and shapes tell it (not its attention heads)."""
+
+    in_channels: int
+    base_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    #: feature-map sides of the attention blocks, largest first
+    attention: tuple[int, ...]
+
+
+def unet_layout(state: Mapping[str, Tensor], prefix: str, image_size: int, fail) -> UNetLayout:
+    """The layout of the ADM U-Net under ``prefix`` (``fail(why)`` makes the error): one up
+    block closes every level but the top one, so the output path tells the number of levels;
+    the widths and the attention come from the input path."""
+    first = state.get(f"{prefix}input_blocks.0.0.weight")
+    if first is None:
+        raise fail(f"no {prefix}input_blocks.0.0.weight")
+    ch = first.shape[0]
+    outs = _entries(state, f"{prefix}output_blocks.")
+    ups = [n for n, subs in outs.items() if any(f"{prefix}output_blocks.{n}.{m}.qkv.weight" not in state
+                                                and f"{prefix}output_blocks.{n}.{m}.in_layers.0.weight" in state
+                                                for m in subs if m > 0)]  # fmt: skip
+    levels = len(ups) + 1
+    if not outs or len(outs) % levels:
+        raise fail(f"{len(outs)} output blocks do not split into {levels} levels")
+    res_blocks = len(outs) // levels - 1
+    ins = _entries(state, f"{prefix}input_blocks.")
+    mult, attention, n = [], set(), 1
+    for level in range(levels):
+        key = f"{prefix}input_blocks.{n}.0.in_layers.2.weight"
+        if key not in state:
+            raise fail(f"no {key}")
+        mult.append(state[key].shape[0] // ch)
+        if any(1 in ins.get(n + i, ()) for i in range(res_blocks)):
+            attention.add(image_size >> level)
+        n += res_blocks + (level < levels - 1)
+    return UNetLayout(first.shape[1], ch, tuple(mult), res_blocks, tuple(sorted(attention, reverse=True)))
+
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """DiffAE's semantic encoder's layout (``res_blocks`` residual blocks per level)."""
+
+    base_channels: int
+    channel_mult: tuple[int, ...]
+    attention: tuple[int, ...]
+    levels: int
+
+
+def encoder_layout(state: Mapping[str, Tensor], prefix: str, image_size: int | None, res_blocks: int,
+                   fail) -> EncoderLayout:  # fmt: skip
+    """The layout of the encoder under ``prefix``: ``res_blocks`` blocks per level and a down block
+    between levels (``image_size`` None: the encoder ends at 4x4, which gives it)."""
+    enc = _entries(state, f"{prefix}input_blocks.")
+    if not enc or len(enc) % (res_blocks + 1):
+        raise fail(f"{len(enc)} encoder input blocks do not make levels of {res_blocks} blocks")
+    levels = len(enc) // (res_blocks + 1)
+    size = image_size if image_size is not None else 4 * 2 ** (levels - 1)
+    ch = state[f"{prefix}input_blocks.0.0.weight"].shape[0]
+    mult, attention = [], set()
+    for level in range(levels):
+        first = 1 + level * (res_blocks + 1)
+        mult.append(state[f"{prefix}input_blocks.{first}.0.in_layers.2.weight"].shape[0] // ch)
+        if any(1 in enc.get(first + i, ()) for i in range(res_blocks)):
+            attention.add(size >> level)
+    return EncoderLayout(ch, tuple(mult), tuple(sorted(attention, reverse=True)), levels)
+
+
 def layout_error(path: Path | str, kind: str, why: str) -> CheckpointError:
     return CheckpointError(f"{path} does not have the layout of {kind}: {why}")

@@ -40,7 +40,7 @@ import torch
 
 from ..config import OFFICIAL_DBAE, DecoderConfig, EncoderConfig, ModelConfig, Preset, TrainConfig, UNetConfig, get_preset
 from ..errors import CheckpointError, ConfigError
-from .adm_keys import Conversion, StateMapper, layout_error
+from .adm_keys import Conversion, StateMapper, encoder_layout, layout_error, unet_layout
 
 Tensor = torch.Tensor
 
@@ -66,16 +66,6 @@ def looks_like(state: Mapping[str, object]) -> bool:
 
 
 # ----- the configuration, from the shapes -----
-def _entries(state: Mapping[str, Tensor], prefix: str) -> dict[int, set[int]]:
-    """index N -> sub-indices M of the keys ``<prefix>.N.M.*``."""
-    found: dict[int, set[int]] = {}
-    for key in state:
-        m = re.match(rf"{re.escape(prefix)}\.(\d+)\.(\d+)\.", key)
-        if m:
-            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    return found
-
-
 def _fail(path: Path | str, why: str) -> CheckpointError:
     return layout_error(path, KIND, why)
 
@@ -94,55 +84,24 @@ def infer_model_config(state: Mapping[str, Tensor], path: Path | str = "the file
         raise _fail(path, "no single decoder.to_<size> output conv")
     size = sizes[0]
 
-    # the U-Net: one up block closes every level but the top one, so the output path tells
-    # the number of levels; the widths come from the input path
-    outs = _entries(state, "output_blocks")
-    ups = [n for n, subs in outs.items() if any(f"output_blocks.{n}.{m}.qkv.weight" not in state
-                                                and f"output_blocks.{n}.{m}.in_layers.0.weight" in state
-                                                for m in subs if m > 0)]
-    levels = len(ups) + 1
-    if not outs or len(outs) % levels:
-        raise _fail(path, f"{len(outs)} output blocks do not split into {levels} levels")
-    res_blocks = len(outs) // levels - 1
-    ins = _entries(state, "input_blocks")
-    mult, attention = [], set()
-    n = 1
-    for level in range(levels):
-        key = f"input_blocks.{n}.0.in_layers.2.weight"
-        if key not in state:
-            raise _fail(path, f"no {key}")
-        mult.append(state[key].shape[0] // ch)
-        for i in range(res_blocks):
-            if 1 in ins.get(n + i, ()):
-                attention.add(size >> level)
-        n += res_blocks + (level < levels - 1)
+    fail = lambda why: _fail(path, why)  # noqa: E731
+    unet_shape = unet_layout(state, "", size, fail)
+    mult, attention = unet_shape.channel_mult, unet_shape.attention
     for side in attention:
         width = ch * mult[(size // side).bit_length() - 1]
         if width % num_head_channels:
             raise _fail(path, f"its attention at side {side} is {width} channels wide, not a multiple of "
                               f"{num_head_channels} channels per head (the authors' scripts use {HEAD_CHANNELS}): "
                               "import it with `dbae import FILE --out RUN --num-head-channels N`, N its head width")
-    unet = UNetConfig(base_channels=ch, channel_mult=tuple(mult), num_res_blocks=res_blocks,
-                      attention_resolutions=tuple(sorted(attention, reverse=True)),
-                      num_head_channels=num_head_channels, dropout=0.1, num_groups=32)
+    unet = UNetConfig(base_channels=ch, channel_mult=mult, num_res_blocks=unet_shape.num_res_blocks,
+                      attention_resolutions=attention, num_head_channels=num_head_channels, dropout=0.1, num_groups=32)
 
-    # the encoder: ENCODER_RES_BLOCKS blocks per level and a down block between levels
-    enc = _entries(state, "encoder.input_blocks")
-    enc_ch = state["encoder.input_blocks.0.0.weight"].shape[0]
-    if len(enc) % (ENCODER_RES_BLOCKS + 1):
-        raise _fail(path, f"{len(enc)} encoder input blocks do not make levels of {ENCODER_RES_BLOCKS} blocks")
-    enc_levels = len(enc) // (ENCODER_RES_BLOCKS + 1)
-    enc_mult, enc_attention = [], set()
-    for level in range(enc_levels):
-        first = 1 + level * (ENCODER_RES_BLOCKS + 1)
-        enc_mult.append(state[f"encoder.input_blocks.{first}.0.in_layers.2.weight"].shape[0] // enc_ch)
-        if any(1 in enc.get(first + i, ()) for i in range(ENCODER_RES_BLOCKS)):
-            enc_attention.add(size >> level)
+    enc = encoder_layout(state, "encoder.", size, ENCODER_RES_BLOCKS, fail)
     head = state["encoder.out.3.weight"].shape[0]
     if head not in (z_dim, 2 * z_dim):
         raise _fail(path, f"encoder.out.3 gives {head} numbers for a {z_dim}-dimensional z")
-    encoder = EncoderConfig(base_channels=enc_ch, channel_mult=tuple(enc_mult), num_res_blocks=ENCODER_RES_BLOCKS,
-                            attention_resolutions=tuple(sorted(enc_attention, reverse=True)), num_heads=1,
+    encoder = EncoderConfig(base_channels=enc.base_channels, channel_mult=enc.channel_mult,
+                            num_res_blocks=ENCODER_RES_BLOCKS, attention_resolutions=enc.attention, num_heads=1,
                             num_groups=32, stochastic=head == 2 * z_dim)  # fmt: skip
 
     widths = [state["decoder.init.init.0.weight_orig"].shape[1] // 2]

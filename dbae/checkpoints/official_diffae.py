@@ -36,7 +36,7 @@ import torch
 
 from ..config import EncoderConfig, UNetConfig
 from ..errors import ConfigError
-from .adm_keys import Conversion, StateMapper, layout_error
+from .adm_keys import Conversion, StateMapper, encoder_layout, layout_error, unet_layout
 
 Tensor = torch.Tensor
 
@@ -75,14 +75,6 @@ class DiffAELayout:
     step: int
 
 
-def _levels(state: Mapping[str, Tensor], prefix: str) -> dict[int, set[int]]:
-    found: dict[int, set[int]] = {}
-    for key in state:
-        if m := re.match(rf"{re.escape(prefix)}\.(\d+)\.(\d+)\.", key):
-            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    return found
-
-
 def infer_layout(obj: Mapping[str, Any], path: Path | str = "the file") -> DiffAELayout:
     """The configuration of the networks in a DiffAE checkpoint, read off its shapes."""
     from ..baselines.config import DiffAEConfig
@@ -90,53 +82,30 @@ def infer_layout(obj: Mapping[str, Any], path: Path | str = "the file") -> DiffA
 
     state = obj["state_dict"]
     fail = lambda why: layout_error(path, KIND, why)  # noqa: E731
-    ch = state[EMA + "input_blocks.0.0.weight"].shape[0]
-    in_ch = state[EMA + "input_blocks.0.0.weight"].shape[1]
     emb = state[EMA + "time_embed.time_embed.0.weight"].shape[0]
     first_cond = next((v for k, v in state.items() if k.startswith(EMA) and k.endswith(".cond_emb_layers.1.weight")),
                       None)  # fmt: skip
     if first_cond is None:
         raise fail("no z conditioning (cond_emb_layers) in its U-Net")
     z_dim = first_cond.shape[1]
-    outs = _levels(state, EMA + "output_blocks")
-    ups = [n for n, subs in outs.items() if any(f"{EMA}output_blocks.{n}.{m}.qkv.weight" not in state
-                                                and f"{EMA}output_blocks.{n}.{m}.in_layers.0.weight" in state
-                                                for m in subs if m > 0)]  # fmt: skip
-    levels = len(ups) + 1
-    if not outs or len(outs) % levels:
-        raise fail(f"{len(outs)} output blocks do not split into {levels} levels")
-    res_blocks = len(outs) // levels - 1
-    ins = _levels(state, EMA + "input_blocks")
-    # the image side: twice the side of the level below the first down block... read it off
-    # the x_T buffer (their training grid's noise) when present, else the encoder's levels
+    # the image side from the x_T buffer (their training grid's noise) when present, else the
+    # encoder's levels (it ends at 4x4)
     size = state["x_T"].shape[-1] if "x_T" in state else None
-    enc = _levels(state, EMA + "encoder.input_blocks")
-    enc_levels = len(enc) // (ENCODER_RES_BLOCKS + 1)
-    if size is None:
-        size = 4 * 2 ** (enc_levels - 1)
-    mult, attention, n = [], set(), 1
-    for level in range(levels):
-        mult.append(state[f"{EMA}input_blocks.{n}.0.in_layers.2.weight"].shape[0] // ch)
-        if any(1 in ins.get(n + i, ()) for i in range(res_blocks)):
-            attention.add(size >> level)
-        n += res_blocks + (level < levels - 1)
-    enc_ch = state[EMA + "encoder.input_blocks.0.0.weight"].shape[0]
-    enc_mult, enc_attention = [], set()
-    for level in range(enc_levels):
-        first = 1 + level * (ENCODER_RES_BLOCKS + 1)
-        enc_mult.append(state[f"{EMA}encoder.input_blocks.{first}.0.in_layers.2.weight"].shape[0] // enc_ch)
-        if any(1 in enc.get(first + i, ()) for i in range(ENCODER_RES_BLOCKS)):
-            enc_attention.add(size >> level)
+    enc = encoder_layout(state, EMA + "encoder.", size, ENCODER_RES_BLOCKS, fail)
+    size = size if size is not None else 4 * 2 ** (enc.levels - 1)
+    shape = unet_layout(state, EMA, size, fail)
     if state[EMA + "encoder.out.3.weight"].shape[0] != z_dim:
         raise fail("the encoder's output and the U-Net's z conditioning differ in width")
-    unet = UNetConfig(base_channels=ch, channel_mult=tuple(mult), num_res_blocks=res_blocks,
-                      attention_resolutions=tuple(sorted(attention, reverse=True)), dropout=0.1, num_groups=32,
-                      num_heads=1, embed_channels=emb, z_conditioning="block-scale", float32_time_table=True)
-    encoder = EncoderConfig(base_channels=enc_ch, channel_mult=tuple(enc_mult), num_res_blocks=ENCODER_RES_BLOCKS,
-                            attention_resolutions=tuple(sorted(enc_attention, reverse=True)), num_heads=1,
-                            num_groups=32, stochastic=False)
+    unet = UNetConfig(base_channels=shape.base_channels, channel_mult=shape.channel_mult,
+                      num_res_blocks=shape.num_res_blocks, attention_resolutions=shape.attention, dropout=0.1,
+                      num_groups=32, num_heads=1, embed_channels=emb, z_conditioning="block-scale",
+                      float32_time_table=True)  # fmt: skip
+    encoder = EncoderConfig(base_channels=enc.base_channels, channel_mult=enc.channel_mult,
+                            num_res_blocks=ENCODER_RES_BLOCKS, attention_resolutions=enc.attention, num_heads=1,
+                            num_groups=32, stochastic=False)  # fmt: skip
     try:
-        model = DiffAEConfig(image_size=size, image_channels=in_ch, z_dim=z_dim, unet=unet, encoder=encoder)
+        model = DiffAEConfig(image_size=size, image_channels=shape.in_channels, z_dim=z_dim, unet=unet,
+                             encoder=encoder)  # fmt: skip
     except ConfigError as exc:
         raise fail(str(exc)) from None
     latent = None

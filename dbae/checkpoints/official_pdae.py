@@ -31,7 +31,7 @@ import torch
 
 from ..config import UNetConfig
 from ..errors import ConfigError
-from .adm_keys import Conversion, StateMapper, layout_error
+from .adm_keys import Conversion, StateMapper, layout_error, unet_layout
 
 Tensor = torch.Tensor
 
@@ -63,47 +63,22 @@ def infer_layout(obj: Mapping[str, Any], path: Path | str = "the file", num_head
     dec, enc = obj["ema_decoder"], obj["ema_encoder"]
     fail = lambda why: layout_error(path, KIND, why)  # noqa: E731
     heads = DEFAULT_HEADS if num_heads is None else num_heads
-    ch = dec["input_blocks.0.0.weight"].shape[0]
-    in_ch = dec["input_blocks.0.0.weight"].shape[1]
     z_dim = dec["label_emb.weight"].shape[1]
-
-    def entries(prefix: str) -> dict[int, set[int]]:
-        found: dict[int, set[int]] = {}
-        for key in dec:
-            if m := re.match(rf"{prefix}\.(\d+)\.(\d+)\.", key):
-                found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-        return found
-
-    outs = entries("output_blocks")
-    ups = [n for n, subs in outs.items() if any(f"output_blocks.{n}.{m}.qkv.weight" not in dec
-                                                and f"output_blocks.{n}.{m}.in_layers.0.weight" in dec
-                                                for m in subs if m > 0)]  # fmt: skip
-    levels = len(ups) + 1
-    if not outs or len(outs) % levels:
-        raise fail(f"{len(outs)} output blocks do not split into {levels} levels")
-    res_blocks = len(outs) // levels - 1
-    # the image side, from the encoder: its first conv halves it, and it ends at 4x4 after one
-    # stride-2 conv per width
+    # the image side, from the encoder: one stride-2 conv per width, down to 4x4
     widths = [v.shape[0] for k, v in enc.items() if re.match(r"encoder\.\d+\.weight$", k) and v.dim() == 4]
     size = 4 * 2 ** len(widths)
-    ins = entries("input_blocks")
-    mult, attention, n = [], set(), 1
-    for level in range(levels):
-        mult.append(dec[f"input_blocks.{n}.0.in_layers.2.weight"].shape[0] // ch)
-        if any(1 in ins.get(n + i, ()) for i in range(res_blocks)):
-            attention.add(size >> level)
-        n += res_blocks + (level < levels - 1)
-    unet = UNetConfig(base_channels=ch, channel_mult=tuple(mult), num_res_blocks=res_blocks,
-                      attention_resolutions=tuple(sorted(attention, reverse=True)), dropout=0.1, num_groups=32,
-                      num_heads=heads, float32_time_table=True)  # fmt: skip
+    shape = unet_layout(dec, "", size, fail)
+    unet = UNetConfig(base_channels=shape.base_channels, channel_mult=shape.channel_mult,
+                      num_res_blocks=shape.num_res_blocks, attention_resolutions=shape.attention, dropout=0.1,
+                      num_groups=32, num_heads=heads, float32_time_table=True)  # fmt: skip
     attn_side = next((size >> (int(m.group(1)) // 3 + 1) for k in enc
                       if (m := re.match(r"encoder\.(\d+)\.qkv\.weight$", k))), 16)  # fmt: skip
     conv = ConvEncoderConfig(tuple(widths), attention_side=attn_side, num_heads=4)
     if size in PDAE_ENCODERS and PDAE_ENCODERS[size].channels == conv.channels:
         conv = PDAE_ENCODERS[size]
     try:
-        model = PDAEConfig(image_size=size, image_channels=in_ch, z_dim=z_dim, unet=unet, gradient_unet=unet,
-                           gradient="shift", encoder_kind="conv", conv_encoder=conv)  # fmt: skip
+        model = PDAEConfig(image_size=size, image_channels=shape.in_channels, z_dim=z_dim, unet=unet,
+                           gradient_unet=unet, gradient="shift", encoder_kind="conv", conv_encoder=conv)  # fmt: skip
     except ConfigError as exc:
         raise fail(str(exc)) from None
     step = obj.get("step", 0)
