@@ -24,6 +24,14 @@ Tensor = torch.Tensor
 INITIAL_SIG = 0.03
 
 
+def init_log_sig_head(head: nn.Linear, z_dim: int, sig: float = INITIAL_SIG) -> None:
+    """Zero weights and the bias :func:`log_sig_bias` for the l half (outputs ``z_dim:``) of
+    a stochastic encoder's head: ``sig`` for every input at first."""
+    with torch.no_grad():
+        head.weight[z_dim:].zero_()
+        head.bias[z_dim:].fill_(log_sig_bias(sig))
+
+
 def log_sig_bias(sig: float) -> float:
     """The head output l for which SPEC 1's ``exp(5 tanh(l / 5)) + 0.01`` equals ``sig``
     (0.01 < sig < exp(5) + 0.01)."""
@@ -71,10 +79,8 @@ class Encoder(nn.Module):
         self.body = nn.Sequential(*layers)
         self.out_norm = group_norm(cur, groups)
         self.head = nn.Linear(cur, 2 * z_dim if cfg.stochastic else z_dim)
-        if cfg.stochastic:  # the l half of the head: sig = INITIAL_SIG for every input at first
-            with torch.no_grad():
-                self.head.weight[z_dim:].zero_()
-                self.head.bias[z_dim:].fill_(log_sig_bias(INITIAL_SIG))
+        if cfg.stochastic:
+            init_log_sig_head(self.head, z_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         h = F.silu(self.out_norm(self.body(x)))
