@@ -20,11 +20,12 @@ Measured on held-out shapes (test split, 256 images; fits on 2048 training-split
 - ``snr``: median over z's dimensions of var(mu) / mean(sig^2), the signal-to-noise ratio of
   z = mu + sig eps (how far apart the encoder keeps different images, in units of its noise);
   ``sig``: the median sig;
-- ``centre_r2``: held-out R^2 of the shape's centre (mean of x and y) regressed linearly on mu;
+- ``centre_r``: the shape's centre (x and y) regressed linearly on mu
+  (:func:`dbae.metrics.probe.regression_probe`): mean held-out Pearson r;
 - ``mse_x_T``: MSE(x_T, x0) against ``mse_mean`` = MSE(mean training image, x0): whether the
   endpoint looks like the image; ``readout_mse``: MSE of the best linear read-out of x0 from
-  x_T (ridge, fitted on training endpoints): whether the endpoint carries the image even where
-  it does not look like it;
+  x_T (ridge regression from its pixels to the image's, fitted on training endpoints): whether
+  the endpoint carries the image even where it does not look like it;
 - ``mse``, ``psnr``, ``ssim``: reconstructions from x_T = Dec(z) with 10 NFE (Euler), on [0, 1].
 
 Writes JSON (default ``docs/data/z_information_shapes16_cpu.json``, or ``--json``).
@@ -50,6 +51,8 @@ from dbae.data.shapes import FACTORS
 from dbae.errors import DBAEError
 from dbae.inference import load_model
 from dbae.metrics import summarize
+from dbae.metrics.latent import posterior_snr
+from dbae.metrics.probe import regression_probe
 from dbae.model import DBAE
 from dbae.training import TrainOptions, Trainer, override
 from dbae.training.checkpoint import list_checkpoints
@@ -57,19 +60,8 @@ from dbae.training.checkpoint import list_checkpoints
 Tensor = torch.Tensor
 VARIANTS = ("dbae", "dbae-default-init", "dbae-d")
 CENTRE = [i for i, f in enumerate(FACTORS) if f.name in ("x", "y")]
-
-
-def _with_bias(a: Tensor) -> Tensor:
-    return torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
-
-
-def _ridge(a_fit: Tensor, y_fit: Tensor, a: Tensor, lam: float) -> Tensor:
-    """Predictions at ``a`` of the ridge regression of ``y_fit`` on ``a_fit`` (columns standardised)."""
-    mean, std = a_fit.mean(0), a_fit.std(0) + 1e-6
-    fit, new = _with_bias((a_fit - mean) / std), _with_bias((a - mean) / std)
-    eye = torch.eye(fit.shape[1], dtype=fit.dtype)
-    eye[-1, -1] = 0  # the intercept is not shrunk
-    return new @ torch.linalg.solve(fit.T @ fit + lam * eye, fit.T @ y_fit)
+#: ridge of the endpoint read-out (dbae.metrics.probe.regression_probe: ridge * n * |W|^2)
+READOUT_RIDGE = 1e-3
 
 
 @torch.no_grad()
@@ -84,16 +76,16 @@ def measure(model: DBAE, nfe: int = 10, n_test: int = 256, n_fit: int = 2048) ->
     out: dict[str, float] = {}
     if sig is not None:
         out["sig"] = float(sig.median())
-        out["snr"] = float((mu.var(0) / sig.square().mean(0)).median())
-    centre_fit, centre = f_fit[:, CENTRE].double(), f[:, CENTRE].double()
-    pred = _ridge(mu_fit.double(), centre_fit, mu.double(), lam=1e-6)
-    out["centre_r2"] = float((1 - (pred - centre).square().mean(0) / centre.var(0)).mean())
+        out["snr"] = float(posterior_snr(mu, sig).median())
+    out["centre_r"] = regression_probe(mu_fit, f_fit[:, CENTRE], mu, f[:, CENTRE])["mean_pearson_r"]
     x_T_fit, x_T = model.endpoint(mu_fit), model.endpoint(mu)
     to01 = lambda a: (a.double() + 1) / 2  # noqa: E731  (every MSE on [0, 1])
     out["mse_x_T"] = float((to01(x_T) - to01(x)).square().mean())
     out["mse_mean"] = float((to01(x_fit).mean(0) - to01(x)).square().mean())
-    readout = _ridge(to01(x_T_fit).flatten(1), to01(x_fit).flatten(1), to01(x_T).flatten(1), lam=1.0)
-    out["readout_mse"] = float((readout - to01(x).flatten(1)).square().mean())
+    pixels_fit, pixels = to01(x_fit).flatten(1), to01(x).flatten(1)
+    readout = regression_probe(to01(x_T_fit).flatten(1), pixels_fit, to01(x_T).flatten(1), pixels, ridge=READOUT_RIDGE)
+    # back from the probe's standardised units to pixel values: times each pixel's variance
+    out["readout_mse"] = float((torch.tensor(readout["mse"]) * pixels_fit.var(0, unbiased=False)).mean())
     rec = model.reconstruct(x, nfe)
     out.update(summarize((rec.images + 1) / 2, (x + 1) / 2))
     return out
@@ -163,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["variants"][name] = {"train_seconds": seconds, "rows": rows}
                 for r in rows:
                     print(f"{name:<18} step {r['step']:5d}  snr {r.get('snr', float('nan')):8.2f}  "
-                          f"sig {r.get('sig', float('nan')):.3f}  centre R2 {r['centre_r2']:.2f}  "
+                          f"sig {r.get('sig', float('nan')):.3f}  centre r {r['centre_r']:.2f}  "
                           f"x_T {r['mse_x_T']:.4f} / mean {r['mse_mean']:.4f}  read-out {r['readout_mse']:.4f}  "
                           f"SSIM {r['ssim']:.3f}  MSE {r['mse']:.5f}", flush=True)
     except DBAEError as exc:
