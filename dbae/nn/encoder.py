@@ -18,7 +18,8 @@ Tensor = torch.Tensor
 #: between images, so z starts as almost pure noise (per-dimension var(mu) / sig^2 below 0.01)
 #: and at the quick-start budget the U-Net and decoder learn to do without z (issue 22:
 #: shapes16 reached SSIM 0.29 at 2000 steps where the deterministic encoder reached 0.86).
-#: Starting sig small makes z = mu + sig eps informative from the first step (SSIM 0.90).
+#: Starting sig small makes z = mu + sig eps informative from the first step (SSIM 0.895 at
+#: 2000 steps; docs/results.md, benchmarks/z_information.py).
 #: Only the initial weights change; the forward formula is SPEC 1's, and checkpoints
 #: overwrite these values.
 INITIAL_SIG = 0.03
