@@ -106,3 +106,45 @@ def test_bench_serve_smoke_measures_every_edit_frame(trained_tiny, tmp_path):
     except FileNotFoundError:
         cmdline = b""
     assert b"serve" not in cmdline, f"the server (pid {pid}) still runs"
+
+
+def test_real_photos_smoke_splits_by_photograph_and_compares_with_pca(tmp_path):
+    """The real-data check end to end with 2 training steps: crops of every bundled photograph
+    at every scale, the held-out photographs only in the test folder, and one row per method
+    measured on the test crops (PCA's rank-16 code beats the mean image even here)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from real_photos import HELD_OUT, PHOTOS, SCALES
+    finally:
+        sys.path.pop(0)
+    out, grid = tmp_path / "rp.json", tmp_path / "rp.png"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "real_photos.py"), "--steps", "2", "--crops", "1",
+                          "--work", str(tmp_path / "work"), "--json", str(out), "--grid", str(grid), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    photos = result["config"]["photos"]
+    assert sorted(photos["train"] + photos["test"]) == sorted(PHOTOS) and photos["test"] == list(HELD_OUT)
+    stems = {p.split(".")[0] for p in HELD_OUT}
+    test_files = sorted(f.name for f in (tmp_path / "work" / "test").iterdir())
+    train_files = sorted(f.name for f in (tmp_path / "work" / "train").iterdir())
+    assert len(test_files) == result["config"]["test_crops"] == len(HELD_OUT) * len(SCALES)
+    assert len(train_files) == result["config"]["train_crops"] == (len(PHOTOS) - len(HELD_OUT)) * len(SCALES)
+    assert {f.split("-s")[0] for f in test_files} == stems and not {f.split("-s")[0] for f in train_files} & stems
+    rows = {r["method"].split(" ")[0]: r for r in result["reconstruction"]}
+    assert set(rows) == {"DBAE", "PCA", "mean"}
+    assert rows["PCA"]["mse"] < rows["mean"]["mse"] and rows["PCA"]["ssim"] > rows["mean"]["ssim"]
+    assert [p["photo"] for p in result["per_photo"]] == sorted(stems)
+    assert grid.stat().st_size > 0 and "PCA (d = 16)" in run.stdout
+
+
+def test_z_information_measure_on_the_shared_run(trained_tiny, tmp_path):
+    """benchmarks/z_information.py measure: the quantities it reports, on the shared 300-step run."""
+    out = tmp_path / "z.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "z_information.py"), "measure", "--ckpt",
+                          str(trained_tiny), "--json", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    r = json.loads(out.read_text())
+    assert r["stochastic"] and r["step"] == 300 and 0.01 < r["sig"] < 1
+    assert r["snr"] > 1 and 0 < r["centre_r"] <= 1 and 0 < r["ssim"] <= 1
+    assert 0 < r["readout_mse"] < r["mse_mean"] and r["mse_x_T"] > 0

@@ -17,6 +17,7 @@ from dbae.metrics.disentangle import auroc_matrix, entropy_reduction, mutual_inf
 from dbae.metrics.features import InceptionV3, extract, load_feature_extractor
 from dbae.metrics.fid import feature_stats, fid, frechet_distance, inception_score, precision_recall
 from dbae.metrics.lpips import CHANNELS, alexnet_features, load_lpips, packaged_lin_weights
+from dbae.metrics.latent import posterior_snr
 from dbae.metrics.probe import average_precision, classification_probe, fit_logistic, regression_probe
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
@@ -272,6 +273,16 @@ def test_regression_probe_exact_and_sklearn():
     sd, mu = target[:, 1].std(unbiased=False).item(), target[:, 1].mean().item()
     assert res["mse"][1] == pytest.approx(np.mean(((pred[:, 1] - tt[:, 1].numpy())) ** 2) / sd**2, rel=1e-8)
     assert mu == pytest.approx(target[:, 1].numpy().mean())
+
+
+def test_posterior_snr_known_values():
+    """var over images of mu (unbiased) over the mean of sig^2, per dimension."""
+    mu = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
+    sig = torch.tensor([[1.0, 0.5], [1.0, 0.5], [3.0, 0.5]])
+    snr = posterior_snr(mu, sig)
+    assert torch.allclose(snr, torch.tensor([4.0 / (11.0 / 3.0), 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="n >= 2"):
+        posterior_snr(mu[:1], sig[:1])
 
 
 # ----- TAD -----

@@ -4,6 +4,7 @@ independence of the decoder and parameter counts (SPEC 1, 9, 11)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from dbae.config import ModelConfig, get_preset
 from dbae.errors import ConfigError
 from dbae.nn import Decoder, Encoder, ScoreUNet, count_parameters
+from dbae.nn.encoder import INITIAL_SIG, log_sig_bias
 from dbae.nn.layers import AttentionBlock, timestep_embedding
 
 
@@ -96,6 +98,25 @@ def test_stochastic_encoder_bounds() -> None:
             assert (mu.abs() <= 5).all()
             assert (sig > 0.01).all() and (sig <= torch.exp(torch.tensor(5.0)) + 0.01).all()
         assert (mu.abs() > 4.99).any()  # the saturated head reaches the soft clamp
+
+
+def test_stochastic_encoder_starts_with_small_sig_and_default_mu_head() -> None:
+    """Issue 22: sig starts at INITIAL_SIG for every input and dimension (SPEC 1's formula
+    applied to the head's initial l); the mu half of the head and the deterministic head keep
+    their random initialisation."""
+    model = get_preset("tiny16").model
+    args = (model.image_size, model.image_channels, model.z_dim)
+    torch.manual_seed(0)
+    enc = Encoder(model.encoder, *args)
+    enc_det = Encoder(dataclasses.replace(model.encoder, stochastic=False), *args)
+    x = torch.randn(4, model.image_channels, model.image_size, model.image_size)
+    with torch.no_grad():
+        mu, sig = enc(x)
+    assert torch.allclose(sig, torch.full_like(sig, INITIAL_SIG), rtol=1e-5)
+    assert mu.std(0).mean() > 1e-3  # the mean still depends on the input
+    d = model.z_dim
+    assert enc.head.weight[:d].abs().sum() > 0 and enc_det.head.weight.abs().sum() > 0
+    assert math.isclose(math.exp(5 * math.tanh(log_sig_bias(0.5) / 5)) + 0.01, 0.5, rel_tol=1e-12)
 
 
 @pytest.mark.parametrize("stochastic", [True, False])
