@@ -7,6 +7,7 @@ browser download is impossible here). Without a Chromium the test is skipped, un
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -40,8 +41,9 @@ def server(trained_tiny):
         yield proc
 
 
-@pytest.fixture
-def page(server):
+@contextlib.contextmanager
+def open_page(url: str):
+    """The studio's page in headless Chromium, connected; fails if the page logged errors."""
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=["--no-sandbox"])
         try:
@@ -49,12 +51,18 @@ def page(server):
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto(server.url)
+            page.goto(url)
             page.wait_for_selector("#status.ok", timeout=30_000)
             yield page
             assert errors == [], f"the page logged errors: {errors}"
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(server):
+    with open_page(server.url) as page:
+        yield page
 
 
 def shapes_png(path, index: int, size: int) -> str:
@@ -139,32 +147,22 @@ def official_server(imported_tiny128):
 def test_an_imported_face_model_in_chromium(official_server, tmp_path):
     """CelebA's 40 sliders from the imported classifier, the face alignment option, and an
     upload edited by dragging one of them."""
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(official_server.url)
-            page.wait_for_selector("#status.ok", timeout=30_000)
-            assert "official-custom" in page.inner_text("#model-info")
-            assert page.locator(".attr-slider").count() == 40
-            assert page.locator(".attr-slider[aria-label='Smiling']").count() == 1
-            assert page.locator("#align-row").is_visible()  # a face model: alignment is offered
-            picture = tmp_path / "face.png"
-            Image.fromarray(to_uint8(ShapesDataset(128, seed=1, split="test")[0][0])).save(picture)
-            if page.locator("#align").is_enabled():
-                page.uncheck("#align")  # a random test picture has no face to find
-            page.set_input_files("#file-a", str(picture))
-            page.wait_for_selector("#img-edit[data-seq]", timeout=60_000)
-            before = page.locator("#img-edit").screenshot()
-            smiling = page.locator(".attr-slider[aria-label='Smiling']")
-            smiling.scroll_into_view_if_needed()  # the 32nd of 40 sliders
-            drag(page, ".attr-slider[aria-label='Smiling']", 0.98)
-            assert float(smiling.input_value()) > 1.0
-            sent = page.get_attribute("#img-edit", "data-sent")
-            page.wait_for_selector(f"#img-edit[data-seq='{sent}']", timeout=60_000)
-            assert page.locator("#img-edit").screenshot() != before
-            assert errors == [], errors
-        finally:
-            browser.close()
+    with open_page(official_server.url) as page:
+        assert "official-custom" in page.inner_text("#model-info")
+        assert page.locator(".attr-slider").count() == 40
+        assert page.locator(".attr-slider[aria-label='Smiling']").count() == 1
+        assert page.locator("#align-row").is_visible()  # a face model: alignment is offered
+        picture = tmp_path / "face.png"
+        Image.fromarray(to_uint8(ShapesDataset(128, seed=1, split="test")[0][0])).save(picture)
+        if page.locator("#align").is_enabled():
+            page.uncheck("#align")  # a random test picture has no face to find
+        page.set_input_files("#file-a", str(picture))
+        page.wait_for_selector("#img-edit[data-seq]", timeout=60_000)
+        before = page.locator("#img-edit").screenshot()
+        smiling = page.locator(".attr-slider[aria-label='Smiling']")
+        smiling.scroll_into_view_if_needed()  # the 32nd of 40 sliders
+        drag(page, ".attr-slider[aria-label='Smiling']", 0.98)
+        assert float(smiling.input_value()) > 1.0
+        sent = page.get_attribute("#img-edit", "data-sent")
+        page.wait_for_selector(f"#img-edit[data-seq='{sent}']", timeout=60_000)
+        assert page.locator("#img-edit").screenshot() != before
