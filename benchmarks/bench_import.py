@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from bench_common import machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_KEYMAP = ROOT / "tests" / "fixtures" / "official_dbae" / "keymaps" / "ffhq128_sto.json"
@@ -148,16 +148,11 @@ def main() -> int:
     for name, r in rows:
         print(f"{name:<40} {r['seconds']:8.2f} {r['peak_rss_bytes'] / 2**20:13.1f} {r['peak_rss_bytes'] / size:12.2f}")
     result = {
-        "machine": platform.node(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "load_average": os.getloadavg(), "file_bytes": size, "imported_bytes": imported_bytes, **built,
+        **machine(), "file_bytes": size, "imported_bytes": imported_bytes, **built,
         "import": imported, "load_run": load_run, "load_direct": load_direct,
         "import_peak_over_file": imported["peak_rss_bytes"] / size,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import machine, write_json  # noqa: E402
 from bench_import import build_file  # noqa: E402  (the DBAE layout builder)
 
 #: the authors' inference settings: method -> (inversion steps, decode steps)
@@ -122,7 +121,6 @@ def measure(runs: dict[str, Path], device: torch.device, dbae_nfe: int, warmup: 
         print(f"{method:<7} {rows[-1]['preset']:<18} {params / 1e6:7.1f}M  infer {steps[0]:>4} steps "
               f"{rows[-1]['infer_median_ms']:10.1f} ms   decode {steps[1]:>4} steps {rows[-1]['decode_median_ms']:10.1f} ms",
               flush=True)  # fmt: skip
-        del loaded, model
     return rows
 
 
@@ -147,15 +145,12 @@ def main() -> int:
             print(f"dbae import ({m}, {files[m].stat().st_size / 2**20:.0f} MiB): {s:.1f} s", flush=True)
         rows = measure(runs, device, args.dbae_nfe, args.warmup, args.runs)
         sizes = {m: files[m].stat().st_size for m in files}
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.node(), "cpu_count": os.cpu_count(),
-              "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-              "load_average_after": os.getloadavg(), "batch": 1, "runs": args.runs, "warmup": args.warmup,
+    result = {**machine(), "device": str(device), "threads": torch.get_num_threads(), "batch": 1, "runs": args.runs,
+              "warmup": args.warmup,
               "built": built, "file_bytes": sizes, "import_seconds": imports, "rows": rows,
               "authors_settings": {"dbae": f"one encoder pass, one decoder pass, {args.dbae_nfe} NFE",
                                    **{m: f"{a}-step inversion + {b}-step decode" for m, (a, b) in AUTHORS.items()}}}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

@@ -14,13 +14,11 @@ their README records it. tests/test_official_dbae.py enforces the bounds; this r
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
+from bench_common import machine, write_json
 from safetensors.torch import load_file
 
 from dbae.checkpoints.imports import read_foreign
@@ -45,8 +43,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "data" / "official_dbae_parity.json")
     args = p.parse_args()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.node(), "torch": torch.__version__,
-              "fixtures": {}}
+    result = {**machine(), "fixtures": {}}
     for name in ("tiny64_sto", "tiny128_det"):
         f64, f32 = measure(name, torch.float64), measure(name, torch.float32)
         result["fixtures"][name] = {"float64": f64, "float32": f32}
@@ -56,9 +53,7 @@ def main() -> int:
             if not key.startswith("nfe_"):
                 print(f"  {key:<26} {f64[key]:10.2e} {f32[key]:10.2e}")
         print(f"  NFE counts equal: {all(v == 0 for k, v in f64.items() if k.startswith('nfe_'))}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

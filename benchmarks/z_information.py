@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_common import write_json
 
 import dbae.nn.encoder as encoder_module
 from dbae.apps.attributes import shapes_images
@@ -55,7 +56,7 @@ from dbae.metrics.latent import posterior_snr
 from dbae.metrics.probe import regression_probe
 from dbae.model import DBAE
 from dbae.training import TrainOptions, Trainer, override
-from dbae.training.checkpoint import list_checkpoints
+from dbae.checkpoints import list_checkpoints
 
 Tensor = torch.Tensor
 VARIANTS = ("dbae", "dbae-default-init", "dbae-d")
@@ -162,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"z_information.py: error: {exc}", file=sys.stderr)
         return 2
     result["meta"] = {**meta, "load_average_after": os.getloadavg()}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

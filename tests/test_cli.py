@@ -281,7 +281,6 @@ def _fake_diffae_run(root):
 @pytest.mark.parametrize("command", [
     ["info"],
     ["encode", "--dataset", "shapes", "--out", "z.npy"],
-    ["generate", "--n", "1", "--no-progress"],
     ["interpolate", "--dataset", "shapes", "--n", "2"],
     ["train-prior", "--no-progress"],
     ["export", "--out", "onnx"],

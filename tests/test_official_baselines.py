@@ -21,10 +21,8 @@ from safetensors.torch import load_file
 from dbae.baselines.diffae import DiffAE
 from dbae.baselines.pdae import PDAE
 from dbae.checkpoints import official_diffae, official_pdae
-from dbae.checkpoints.foreign import load_weights_only
 from dbae.checkpoints.imports import read_foreign
 from dbae.nn import count_parameters
-from dbae.prior.config import LatentDiffusionConfig
 from dbae.prior.ddim import LatentDiffusion
 from dbae.prior.network import MLPSkipNet
 
