@@ -128,14 +128,15 @@ def test_a_damaged_file_in_its_run_named_by_path_is_caught_by_the_manifest(run: 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_run_directory_falls_back_past_a_damaged_newest_checkpoint(run: Path, tmp_path: Path, capsys,
                                                                      damage: str, manifest: bool) -> None:
-    """By run directory, the damaged newest checkpoint is skipped with a warning (by its
-    manifest entry, or without a manifest by its own sha256) and the previous one is used."""
+    """By run directory, the damaged newest checkpoint is skipped with a warning on stderr (by
+    its manifest entry, or without a manifest by its own sha256) and the previous one is used."""
     damage_fn, _ = DAMAGE[damage]
     copy = _copy_run(run, tmp_path / "run", manifest=manifest)
     damage_fn(copy / "checkpoints" / "step-00000004.safetensors")
     assert main(_reconstruct(copy, tmp_path)) == 0
-    out = capsys.readouterr().out
-    assert "skipping checkpoint step-00000004.safetensors" in out
+    captured = capsys.readouterr()  # the warning goes to stderr: stdout is the command's own output
+    assert "skipping checkpoint step-00000004.safetensors" in captured.err
+    assert "skipping checkpoint" not in captured.out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["checkpoint"].endswith("step-00000002.safetensors") and report["step"] == 2
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -269,8 +270,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 raise CheckpointError(f"no usable checkpoint in {path}: {errors[0]}{more}")
             raise CheckpointError(f"no checkpoint in {path} (no step-*.safetensors files in it or in its "
                                   "checkpoints/ folder)")
-        for line in warnings:
-            print(line)
+        for line in warnings:  # on stderr: the fallback is a warning, not part of a command's output
+            print(line, file=sys.stderr)
         return found
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
