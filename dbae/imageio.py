@@ -12,6 +12,11 @@ is a DataError before its pixels are decoded, never a warning and a full decode.
 limit is per process: :func:`set_max_image_pixels`, or ``--max-megapixels`` on the
 command line.
 
+Untrusted uploads (``dbae serve``) go through :func:`decode_reduced`: PNG, JPEG and WebP
+only (by content), each decoded straight to 8 bits and reduced by a whole factor towards the
+size it is needed at (JPEG at 1/2 to 1/8 scale while decoding), so that no decode holds more
+than a few bytes per pixel of the file's image; it can be called off between blocks of input.
+
 Writes (``save_image``, ``save_grid``) are atomic: the file is written next to its
 destination under a temporary name and then renamed over it; parent folders are created.
 """
@@ -46,6 +51,19 @@ DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 _max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
 #: Pillow's limit is a module global: decodes hold this lock while they set it to ours
 _DECODE_LOCK = threading.Lock()
+
+#: the formats :func:`decode_reduced` opens (Pillow's names), and what the errors call them
+WEB_FORMATS = ("PNG", "JPEG", "WEBP")
+WEB_FORMAT_NAMES = "PNG, JPEG or WebP"
+#: :func:`decode_reduced` keeps at least this many times the size asked for before resizing
+REDUCE_MARGIN = 4
+#: bytes of compressed input per decoder call in :func:`decode_reduced` (how soon a decode stops when called off)
+DECODE_BLOCK = 8192
+#: magic bytes of formats that are refused, for a message that names them
+_OTHER_FORMATS = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"), (b"\0\0\1\0", "ICO"),
+                  (b"%!PS", "PostScript / EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"qoif", "QOI"), (b"8BPS", "PSD"),
+                  (b"%PDF", "PDF"), (b"\x0a", "PCX"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+                  (b"\0\0\0\x0cjP  ", "JPEG 2000"), (b"icns", "ICNS"), (b"DDS ", "DDS"))  # fmt: skip
 
 #: the smallest side, in pixels, that :func:`save_grid` enlarges a grid's images to by default
 MIN_GRID_CELL = 64
@@ -107,6 +125,111 @@ def decode_rgb(data: bytes, name: str, max_pixels: int | None = None) -> Image.I
     return _decode_rgb(io.BytesIO(data), name, max_pixels)
 
 
+class DecodeAbandoned(Exception):
+    """A :func:`decode_reduced` was called off (its ``cancel`` event was set)."""
+
+
+class _Cancellable(io.BytesIO):
+    """Bytes whose reads raise DecodeAbandoned once ``cancel`` is set."""
+
+    def __init__(self, data: bytes, cancel: threading.Event | None) -> None:
+        super().__init__(data)
+        self.cancel = cancel
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.cancel is not None and self.cancel.is_set():
+            raise DecodeAbandoned
+        return super().read(size)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The name of a refused image format that ``data`` starts like (for an error message)."""
+    if data[4:8] == b"ftyp":
+        return "HEIF / AVIF" if data[8:12] in (b"heic", b"heix", b"mif1", b"avif", b"avis") else "MP4 / ISO media"
+    return next((name for magic, name in _OTHER_FORMATS if data.startswith(magic)), None)
+
+
+def decode_reduced(
+    data: bytes,
+    name: str,
+    min_side: int,
+    *,
+    max_pixels: int | None = None,
+    formats: Sequence[str] = WEB_FORMATS,
+    cancel: threading.Event | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an untrusted image file's bytes into an RGB image whose shorter side is at least
+    ``REDUCE_MARGIN * min_side`` pixels (or the file's own, when smaller): the pixels that a
+    resize to ``min_side`` needs, in bounded memory and time; and the file's own size
+    (width, height; EXIF orientation applied).
+
+    Only ``formats`` are opened (by content, whatever the name; others are a DataError that
+    says which formats are read). The pixel limit is checked from the header. A JPEG is
+    decoded at 1/2, 1/4 or 1/8 scale (``draft``); any other image is reduced by a whole
+    factor (box filter, in 8 bits) right after decoding, 16-bit greyscale converted to 8
+    bits in integers first. At most about 5 bytes per pixel of the file's image are held
+    (4 for RGBA), never a float copy. ``cancel``: set from another thread, the decode stops
+    with DecodeAbandoned at its next block of input (:data:`DECODE_BLOCK` bytes).
+    """
+    limit = _max_image_pixels if max_pixels is None else max_pixels
+    target = REDUCE_MARGIN * check_image_size(min_side)
+    source = _Cancellable(data, cancel)
+    try:
+        with _DECODE_LOCK:  # (only while the header is read: Pillow's limit is a module global)
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                im = Image.open(source, formats=list(formats))
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        with im:
+            w, h = im.size
+            if w * h > limit:
+                raise _too_large(name, w * h, (w, h), limit)
+            if im.format == "JPEG":
+                im.draft(im.mode, (target, target))  # decode at the smallest DCT scale that keeps target
+            im.decodermaxblock = DECODE_BLOCK
+            im.load()
+            out = _reduce_8bit(im, target, cancel)
+        turned = ImageOps.exif_transpose(out)
+        swapped = turned.size != out.size
+        return _to_rgb(turned), ((h, w) if swapped else (w, h))
+    except DecodeAbandoned:
+        raise
+    except Image.UnidentifiedImageError:
+        other = sniff_format(data)
+        if other:
+            raise DataError(f"{name}: its format ({other}) is not read here; only PNG, JPEG and WebP images are") from None
+        raise DataError(f"{name}: not a {WEB_FORMAT_NAMES} image (only those are read)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DataError(f"{name}: not a readable image ({exc})") from exc
+
+
+def _reduce_8bit(im: Image.Image, target: int, cancel: threading.Event | None) -> Image.Image:
+    """``im`` in an 8-bit mode, reduced by the largest whole factor that keeps its shorter side
+    at least ``target`` (a copy; ``im`` itself when there is nothing to do)."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        im = _sixteen_to_8bit(im)
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode in ("P", "PA"):  # (a palette cannot be averaged)
+        im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+    factor = min(im.size) // target
+    if cancel is not None and cancel.is_set():
+        raise DecodeAbandoned
+    return im.reduce(factor) if factor > 1 else im
+
+
+def _sixteen_to_8bit(im: Image.Image, rows: int = 512) -> Image.Image:
+    """16-bit greyscale (or 32-bit "I") as 8-bit "L": round(v / 257) clipped to 0..255, in
+    integers, a few rows at a time (no full-size float or 32-bit copy)."""
+    levels = np.asarray(im)
+    out = np.empty(levels.shape, dtype=np.uint8)
+    for r in range(0, levels.shape[0], rows):
+        block = levels[r:r + rows].astype(np.int64)
+        out[r:r + rows] = ((2 * block + 257) // 514).clip(0, 255)  # round(v / 257): v / 257 is never k + 1/2
+    return Image.fromarray(out)
+
+
 def max_image_pixels() -> int:
     """The pixel limit (width x height) of every image read in this process."""
     return _max_image_pixels
@@ -155,8 +278,7 @@ def _decode_rgb(source, name: str, max_pixels: int | None) -> Image.Image:
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grayscale
-        levels = np.asarray(im, dtype=np.float64) / 257.0
-        im = Image.fromarray(levels.clip(0, 255).round().astype(np.uint8))
+        im = _sixteen_to_8bit(im)
     if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
         background = Image.new("RGBA", im.size, _WHITE)
         return Image.alpha_composite(background, im.convert("RGBA")).convert("RGB")

@@ -555,7 +555,7 @@ BAD = [
      'align must be true or false, got "yes"', 3, "upload"),
     ("header-seq", lambda k: _header({"type": "upload", "seq": -2}, GOOD), "seq must be an integer", None, "upload"),
     ("non-image", lambda k: P.pack({"type": "upload", "seq": 3}, b"this is not an image at all"),
-     "not a PNG, JPEG, WebP or other format Pillow reads", 3, "upload"),
+     "not a PNG, JPEG or WebP image (only those are read)", 3, "upload"),
     ("empty-file", lambda k: P.pack({"type": "upload", "seq": 3}), "the uploaded file is empty", 3, "upload"),
     ("truncated-png", lambda k: P.pack({"type": "upload", "seq": 3}, TRUNCATED), "not a readable image", 3,
      "upload"),
@@ -734,9 +734,10 @@ def test_the_renderer_batches_jobs_waiting_together_into_one_runner_call(loaded,
         torch.testing.assert_close(r.out, expected, atol=1e-4, rtol=0)  # each job gets its own rows
     assert diff(to_uint8(out[0].out), to_uint8(out[2].out)).mean() > 3
 
-    single = Renderer(loaded.model, "eager", "fp32", s4, max_batch=1)
+    single = Renderer(loaded.model, "eager", "fp32", s4, max_batch=1)  # one row per call: the 2-row job takes two
     out = _run_jobs(single, jobs)
-    assert (single.stats.calls, single.stats.rows) == (3, 4) and [r.rows for r in out] == [1, 2, 1]
+    assert (single.stats.calls, single.stats.rows) == (4, 4) and [r.rows for r in out] == [1, 1, 1]
+    assert [r.calls for r in out] == [1, 2, 1]
     for r, expected in zip(out, alone):
         torch.testing.assert_close(r.out, expected, atol=1e-5, rtol=0)
 
@@ -749,8 +750,9 @@ def test_the_renderer_batches_jobs_waiting_together_into_one_runner_call(loaded,
     mixed = Renderer(loaded.model, "eager", "fp32", s4, max_batch=16)
     out = _run_jobs(mixed, [(ENCODE, s4, studio.heldout[:2]), (DECODE, s4, z[:1]), (DECODE, s2, z[1:2]),
                             (DECODE, s4, z[2:3])])  # fmt: skip
-    assert mixed.stats.calls == 3 and mixed.stats.by_op == {ENCODE: 1, DECODE: 2}
-    assert [r.rows for r in out] == [2, 2, 1, 2]
+    # (while the others wait, a call takes one row per job: the 2-image encode takes two turns)
+    assert mixed.stats.calls == 4 and mixed.stats.by_op == {ENCODE: 2, DECODE: 2}
+    assert [r.rows for r in out] == [1, 2, 1, 2] and [r.calls for r in out] == [2, 1, 1, 1]
     torch.testing.assert_close(out[0].out, z[:2], atol=1e-5, rtol=0)
     heun2 = factory("eager", loaded.model, "fp32")(s2)
     torch.testing.assert_close(out[2].out, heun2.decode(z[1:2]), atol=1e-5, rtol=0)
@@ -760,6 +762,69 @@ def test_the_renderer_batches_jobs_waiting_together_into_one_runner_call(loaded,
     out = _run_jobs(gone, [(DECODE, s4, z[:1]), (DECODE, s4, z[1:2])], cancel=(0,))
     assert isinstance(out[0], asyncio.CancelledError) and (gone.stats.calls, gone.stats.rows) == (1, 1)
     torch.testing.assert_close(out[1].out, alone[1][:1], atol=1e-5, rtol=0)
+
+
+def _run_owned(renderer: Renderer, jobs):
+    """Run (owner, op, setting, x) jobs submitted in that order; their Rendered results."""
+    async def go():
+        await renderer.start()
+        try:
+            tasks = [asyncio.create_task(renderer.submit(op, setting, x, owner=owner)) for owner, op, setting, x in jobs]
+            return await asyncio.gather(*tasks)
+        finally:
+            await renderer.stop()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        renderer.close()
+
+
+def test_connections_are_served_round_robin_and_a_strip_costs_its_rows(loaded, studio, ref):
+    """Eight connections ask for 8-image strips at 10 steps, then a ninth for one edit at the
+    default 4 steps: the edit runs in the second call, after one row of each strip (not after
+    8 whole strips, as in arrival order). Every strip, split over calls, is still the model's
+    decode of its rows; with nobody else waiting the strips' rows are batched again."""
+    s4, s10 = DecodeSetting(STEPS, "euler"), DecodeSetting(10, "euler")
+    z = ref.encode(studio.heldout[:9])
+    strips = [path_latents(z[i:i + 1], z[i + 1:i + 2], 8) for i in range(8)]
+    owners = [object() for _ in range(9)]
+    renderer = Renderer(loaded.model, "eager", "fp32", s4, max_batch=16)
+    jobs = [(owners[i], DECODE, s10, strips[i]) for i in range(8)] + [(owners[8], DECODE, s4, z[8:9])]
+    out = _run_owned(renderer, jobs)
+    edit = out[8]
+    assert (edit.first_call, edit.calls, edit.rows) == (1, 1, 1), edit
+    assert [r.first_call for r in out[:8]] == [0] * 8 and all(r.calls > 1 for r in out[:8])
+    ten = factory("eager", loaded.model, "fp32")(s10)
+    for r, zs in zip(out[:8], strips):
+        torch.testing.assert_close(r.out, ten.decode(zs), atol=1e-4, rtol=0)
+    torch.testing.assert_close(edit.out, ref.decode(z[8:9]), atol=1e-5, rtol=0)
+    # 8 rows (one per strip), the edit, then the other 56 rows in calls of 16
+    assert (renderer.stats.calls, renderer.stats.rows) == (2 + math.ceil(56 / 16), 65)
+
+
+def test_a_client_gone_while_its_frame_is_sent_ends_its_session_quietly(client, studio, caplog):
+    """The socket fails while the input frame of an upload is sent (the client left in the
+    middle of its upload): the render loop ends (a ConnectionError) and nothing is logged as
+    an internal error."""
+    caplog.set_level(logging.WARNING, logger="dbae.serve")
+
+    async def go() -> str:
+        async def gone(data) -> None:
+            raise WebSocketDisconnect(1006)  # what Starlette raises on a connection the client closed
+
+        session = Session(studio, gone, gone)
+        try:
+            await session._serve("upload:a", {"msg": {"type": "upload", "seq": 1}, "data": GOOD,
+                                              "received": time.perf_counter()})  # fmt: skip
+        except ConnectionError:
+            return "ended"
+        finally:
+            session.close()
+        return "went on"
+
+    assert client.portal.call(go) == "ended"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def _decode_together(client, studio, k: int, attempts: int = 5) -> list[tuple[dict, dict]]:
@@ -1064,7 +1129,8 @@ def test_prepare_upload_aligns_only_for_face_models(studio, loaded, monkeypatch)
     pytest.importorskip("cv2")
     photo = _astronaut()
     data = png(np.asarray(photo))
-    centred = pil_to_tensor(resize_square(photo, SIZE, center_crop=True))[None]
+    # (decoded reduced by a whole factor to at least 4x the model's side first: 512 / 8 = 64)
+    centred = pil_to_tensor(resize_square(photo.reduce(8), SIZE, center_crop=True))[None]
     x, note = studio.prepare_upload(data, True)  # a shapes model: no alignment, asked or not
     assert studio.face is False and note == "resized from 512x512 to 16x16 (shorter side, then centre-cropped)"
     torch.testing.assert_close(x, centred, atol=0, rtol=0)

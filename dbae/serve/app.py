@@ -9,8 +9,10 @@ held-out image; ``GET /api/stats`` the server's counters; ``WS /ws``.
 The websocket refuses connections from pages of other origins (another site open in the
 same browser must not drive, or read, a studio on localhost); a server bound to a loopback
 address also refuses requests that do not name it by a loopback name (DNS rebinding, see
-:class:`LoopbackHostGuard`). Every response carries a content security policy that lets
-the page load nothing from anywhere else.
+:class:`LoopbackHostGuard`). Every response, errors included (404, 405, 421, 422, ...),
+carries a content security policy that lets the page load nothing from anywhere else, and
+``nosniff`` (:class:`SecurityHeaders`; the responses uvicorn writes itself get them from
+:mod:`dbae.serve.transport`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,31 @@ def host_is_loopback(host_header: str) -> bool:
     return name is not None and is_loopback(name)
 
 
+class SecurityHeaders:
+    """ASGI wrapper that adds :data:`HEADERS` to every HTTP response (those of the routes, and
+    the errors of routing and validation; a header a route set itself is kept)."""
+
+    _raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in HEADERS.items()]
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message) -> None:
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
+                headers = list(message.get("headers", []))
+                have = {name.lower() for name, _ in headers}
+                headers += [(k, v) for k, v in self._raw if k not in have]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 class LoopbackHostGuard:
     """ASGI wrapper of a server bound to a loopback address: requests whose Host header is
     not a loopback name are refused (HTTP 421; websockets closed unaccepted). A page of
@@ -110,28 +137,27 @@ def create_app(studio: Studio, *, loopback_only: bool = False):
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
-        return HTMLResponse(pages["index.html"], headers=HEADERS)
+        return HTMLResponse(pages["index.html"])
 
     @app.get("/static/{name}")
     def static(name: str) -> Response:
         if name not in STATIC:  # a lookup in a fixed table, never a path
             raise HTTPException(404, "no such file")
-        return Response(pages[name], media_type=STATIC[name], headers=HEADERS)
+        return Response(pages[name], media_type=STATIC[name])
 
     @app.get("/api/info")
     def info() -> JSONResponse:
-        return JSONResponse(studio.hello(), headers=HEADERS)
+        return JSONResponse(studio.hello())
 
     @app.get("/api/stats")
     def stats() -> JSONResponse:
-        return JSONResponse(studio.stats_dict(), headers=HEADERS)
+        return JSONResponse(studio.stats_dict())
 
     @app.get("/api/heldout/{index}.png")
     def heldout(index: int) -> Response:
         if not (0 <= index < studio.heldout.shape[0]):
             raise HTTPException(404, f"no held-out image {index} (there are {studio.heldout.shape[0]})")
-        return Response(studio.heldout_png(index), media_type="image/png",
-                        headers={**HEADERS, "Cache-Control": "max-age=3600"})  # fmt: skip
+        return Response(studio.heldout_png(index), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket) -> None:
@@ -164,4 +190,4 @@ def create_app(studio: Studio, *, loopback_only: bool = False):
                 with contextlib.suppress(Exception):
                     await websocket.close()
 
-    return LoopbackHostGuard(app) if loopback_only else app
+    return SecurityHeaders(LoopbackHostGuard(app) if loopback_only else app)

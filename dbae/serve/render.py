@@ -9,13 +9,23 @@ rows. The calls run one at a time in a single worker thread, so the event loop k
 receiving messages (and coalescing them, see :mod:`dbae.serve.session`) while the runner
 works.
 
+Fairness between connections: every job has an owner (its connection). The dispatcher
+serves owners round-robin, least recently served first: the first waiting job of the
+least recently served owner sets the call's kind and decode setting, and the call takes
+rows of that kind one per owner and round, so a job of L rows (a strip of L images) costs
+L rows and is split over calls when others wait. While a job of another kind or setting
+waits, a call is one round (at most one row per owner), so a well-behaved edit waits for
+at most one call of at most one row per other connection (and ``max_batch`` rows in all),
+however large and however many the strips the others ask for. With one kind waiting,
+rounds repeat up to ``max_batch`` rows: batching as before.
+
 Runners are made by :func:`dbae.export.registry.factory`, one per decode setting (steps,
 sampler), on first use, and kept.
 
-Timing of each job (:class:`Rendered`): ``runner_ms`` the runner call it was part of
+Timing of each job (:class:`Rendered`): ``runner_ms`` the runner calls it was part of
 (measured in the worker thread, the copy of the result to the CPU included), ``blocked_ms``
-the runner time spent on other calls while it waited, ``queue_ms`` all of its wait, and
-``rows`` / ``jobs`` the size of the call.
+the runner time spent on other calls while it waited, ``queue_ms`` its wait for its first
+call, ``rows`` / ``jobs`` the size of its (last) call, ``calls`` how many calls its rows took.
 """
 
 from __future__ import annotations
@@ -59,11 +69,13 @@ class Rendered:
     runner_ms: float
     queue_ms: float
     blocked_ms: float
-    rows: int  # rows of the runner call
-    jobs: int  # jobs of the runner call
+    rows: int  # rows of the (last) runner call
+    jobs: int  # jobs of the (last) runner call
+    calls: int = 1  # runner calls its rows took
+    first_call: int = 0  # the renderer's call count when its first rows ran (0: the first call)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     op: str
     setting: DecodeSetting
@@ -71,6 +83,17 @@ class _Job:
     future: asyncio.Future
     submitted: float  # time.perf_counter()
     busy_at_submit: float  # the renderer's cumulative busy ms at submit time
+    owner: int  # id() of its connection (of the job itself when none was given); no reference kept
+    taken: int = 0  # rows handed to runner calls so far
+    outs: list = field(default_factory=list)  # their results, in order
+    runner_ms: float = 0.0
+    calls: int = 0
+    first_call: int = -1
+    started: float | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
 
 
 @dataclass
@@ -93,6 +116,7 @@ class Renderer:
         self.precision = precision
         self.default = default
         self.max_batch = max_batch
+        self._served_at: dict[int, int] = {}  # owner -> the call that last served it
         self._make = runner_factory(kind, model, precision)
         self._runners: dict[DecodeSetting, Runner] = {}
         # the worker thread runs with torch's CPU thread count of now (see dbae serve --threads)
@@ -143,12 +167,16 @@ class Renderer:
         since = self._busy_since
         return self._busy_done + (0.0 if since is None else (time.perf_counter() - since) * 1e3)
 
-    async def submit(self, op: str, setting: DecodeSetting, x: Tensor) -> Rendered:
-        """Run ``op`` (encode: images (B, C, H, W); decode: latents (B, d)) at ``setting``."""
+    async def submit(self, op: str, setting: DecodeSetting, x: Tensor, owner: object = None) -> Rendered:
+        """Run ``op`` (encode: images (B, C, H, W); decode: latents (B, d)) at ``setting``;
+        ``owner``: the connection it is for (served round-robin with the others)."""
         if self._arrived is None:
             raise RuntimeError("the renderer is not started")
         future = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(op, setting, x, future, time.perf_counter(), self._busy_now()))
+        job = _Job(op, setting, x, future, time.perf_counter(), self._busy_now(), id(owner))
+        if owner is None:
+            job.owner = id(job)
+        self._jobs.append(job)
         self._arrived.set()
         return await future
 
@@ -182,31 +210,57 @@ class Renderer:
             if batch:
                 await self._run(loop, batch)
 
-    def _take_batch(self, waiting: list[_Job]) -> tuple[list[_Job], list[_Job]]:
-        """The first live job and those of its kind that fit beside it; the rest, in order."""
+    def _take_batch(self, waiting: list[_Job]) -> tuple[list[tuple[_Job, int, int]], list[_Job]]:
+        """The next call's rows, as (job, first row, end row), and the jobs left waiting, in
+        order. The least recently served owner's first job sets the kind and setting; the
+        rows of that kind are taken one per owner and round (owners in that order), up to
+        ``max_batch`` rows, and for one round only while a job of another kind waits."""
         live = [j for j in waiting if not j.future.done()]  # a cancelled job's connection is gone
         if not live:
             return [], []
-        first, batch, rest, rows = live[0], [live[0]], [], live[0].x.shape[0]
-        for job in live[1:]:
-            n = job.x.shape[0]
-            if job.op == first.op and job.setting == first.setting and rows + n <= self.max_batch:
-                batch.append(job)
-                rows += n
-            else:
-                rest.append(job)
-        return batch, rest
+        by_owner: dict[int, list[_Job]] = {}
+        for job in live:
+            by_owner.setdefault(job.owner, []).append(job)
+        served = self._served_at
+        owners = sorted(by_owner, key=lambda o: served.get(o, -1))  # (stable: in arrival order among equals)
+        head = by_owner[owners[0]][0]
+        kind = (head.op, head.setting)
+        others = any((j.op, j.setting) != kind for j in live)
+        queues = [[j for j in by_owner[o] if (j.op, j.setting) == kind] for o in owners]
+        take: dict[_Job, int] = {}
+        rows = 0
+        while rows < self.max_batch:
+            added = False
+            for queue in queues:
+                while queue and queue[0].rows - queue[0].taken - take.get(queue[0], 0) == 0:
+                    queue.pop(0)
+                if queue and rows < self.max_batch:
+                    take[queue[0]] = take.get(queue[0], 0) + 1
+                    rows += 1
+                    added = True
+            if not added or others:
+                break
+        batch = []
+        for job, n in take.items():
+            batch.append((job, job.taken, job.taken + n))
+            job.taken += n
+            served[job.owner] = self.stats.calls
+        if len(served) > 4096:  # forget owners long gone (their ids may come back: harmless)
+            for o in [o for o in served if o not in by_owner][:2048]:
+                del served[o]
+        return batch, [j for j in live if j.taken < j.rows]
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
-        op, setting = batch[0].op, batch[0].setting
-        x = batch[0].x if len(batch) == 1 else torch.cat([j.x for j in batch])
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Job, int, int]]) -> None:
+        op, setting = batch[0][0].op, batch[0][0].setting
+        parts = [job.x[lo:hi] for job, lo, hi in batch]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
         started = time.perf_counter()
-        busy = self._busy_now()
         self._busy_since = started
+        call = self.stats.calls
         try:
             out, runner_ms = await loop.run_in_executor(self._executor, self._call, op, setting, x)
         except Exception as exc:  # noqa: BLE001  (handed to every job of the call)
-            for job in batch:
+            for job, _, _ in batch:
                 if not job.future.done():
                     job.future.set_exception(exc)
             return
@@ -220,14 +274,21 @@ class Renderer:
         s.busy_ms += runner_ms
         s.by_op[op] += 1
         lo = 0
-        for job in batch:
-            n = job.x.shape[0]
-            if not job.future.done():
-                job.future.set_result(Rendered(
-                    out[lo:lo + n], runner_ms, (started - job.submitted) * 1e3,
-                    max(0.0, busy - job.busy_at_submit), x.shape[0], len(batch),
-                ))  # fmt: skip
+        for job, first, end in batch:
+            n = end - first
+            job.outs.append(out[lo:lo + n])
             lo += n
+            job.runner_ms += runner_ms
+            job.calls += 1
+            if job.started is None:
+                job.started, job.first_call = started, call
+            if end == job.rows and not job.future.done():
+                result = job.outs[0] if len(job.outs) == 1 else torch.cat(job.outs)
+                blocked = max(0.0, self._busy_now() - job.busy_at_submit - job.runner_ms)
+                job.future.set_result(Rendered(
+                    result, job.runner_ms, (job.started - job.submitted) * 1e3, blocked, x.shape[0], len(batch),
+                    job.calls, job.first_call,
+                ))  # fmt: skip
 
     def _call(self, op: str, setting: DecodeSetting, x: Tensor) -> tuple[Tensor, float]:
         runner = self.runner(setting)  # made here, in the worker thread, on first use

@@ -152,17 +152,38 @@ def url_of(sock: socket.socket, host: str) -> str:
     return f"http://{shown}:{port}/"
 
 
+#: seconds an idle keep-alive connection is kept after a response (uvicorn's ``timeout_keep_alive``)
+KEEP_ALIVE_S = 5
+#: websocket keepalive: a ping every PING_INTERVAL_S, the connection dropped when its pong has not
+#: come PING_TIMEOUT_S later (also a client that floods and never reads: see dbae.serve.transport)
+PING_INTERVAL_S, PING_TIMEOUT_S = 20.0, 20.0
+
+
+def server_config(studio: Studio, sock: socket.socket, *, log_level: str = "warning", ws_max_size: int | None = None,
+                  header_timeout: float | None = None, keep_alive: int = KEEP_ALIVE_S,
+                  ping_interval: float = PING_INTERVAL_S, ping_timeout: float = PING_TIMEOUT_S):  # fmt: skip
+    """uvicorn's configuration of ``studio`` on the listening ``sock``: h11 with a request-head
+    timeout and the websockets sans-I/O protocol with flow control (:mod:`.transport`), the
+    keep-alive and keepalive-ping timeouts, the largest websocket message."""
+    import uvicorn
+
+    from .app import create_app
+    from .transport import HEADER_TIMEOUT_S, FlowControlledWebSocket, HeaderTimeoutH11
+
+    limit = ws_max_size or 2 * studio.max_upload_bytes + 64 * 1024  # beyond twice the limit: closed by uvicorn
+    app = create_app(studio, loopback_only=is_loopback(sock.getsockname()[0]))
+    http = HeaderTimeoutH11.with_timeout(HEADER_TIMEOUT_S if header_timeout is None else header_timeout)
+    return uvicorn.Config(app, log_level=log_level, ws_max_size=limit, lifespan="on", access_log=False,
+                          ws_per_message_deflate=False, http=http, ws=FlowControlledWebSocket,
+                          timeout_keep_alive=keep_alive, ws_ping_interval=ping_interval,
+                          ws_ping_timeout=ping_timeout)  # fmt: skip
+
+
 def run_server(studio: Studio, sock: socket.socket, *, log_level: str = "warning", ws_max_size: int | None = None) -> None:
     """Serve ``studio`` on the listening ``sock`` until interrupted (one process, one worker)."""
     import uvicorn
 
-    from .app import create_app
-
-    limit = ws_max_size or 2 * studio.max_upload_bytes + 64 * 1024  # beyond twice the limit: closed by uvicorn
-    app = create_app(studio, loopback_only=is_loopback(sock.getsockname()[0]))
-    config = uvicorn.Config(app, log_level=log_level, ws_max_size=limit, lifespan="on",
-                            access_log=False, ws_per_message_deflate=False)  # fmt: skip
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(studio, sock, log_level=log_level, ws_max_size=ws_max_size))
     try:
         server.run(sockets=[sock])
     finally:

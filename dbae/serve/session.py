@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import torch
 
@@ -31,6 +32,10 @@ from .studio import Studio, png_bytes
 
 Tensor = torch.Tensor
 log = logging.getLogger("dbae.serve")
+
+class ClientGone(ConnectionError):
+    """The connection's socket failed while a frame or a message was sent to it."""
+
 
 #: the order in which the render loop serves the kinds of pending requests
 ORDER = ("upload:a", "upload:b", "edit", "recon", "strip")
@@ -174,10 +179,10 @@ class Session:
             index = P.integer(msg, "index", None, 0, studio.heldout.shape[0] - 1)
             x, note = studio.heldout[index:index + 1], ""
         else:
-            x, note = await asyncio.to_thread(studio.prepare_upload, data, bool(msg.get("align", False)))
+            x, note = await studio.decode_upload(data, bool(msg.get("align", False)))
             studio.stats.uploads += 1
         prep_ms = (time.perf_counter() - t0) * 1e3
-        enc = await studio.renderer.submit(ENCODE, setting, x)
+        enc = await studio.renderer.submit(ENCODE, setting, x, owner=self)
         z = enc.out
         self.z[slot] = z
         self.encode_ms[slot] = enc.runner_ms
@@ -236,7 +241,7 @@ class Session:
     async def _decode_and_send(self, kind: str, setting: DecodeSetting, z: Tensor, seq: int | None,
                                received: float, *, extra: dict) -> None:  # fmt: skip
         t0 = time.perf_counter()
-        dec = await self.studio.renderer.submit(DECODE, setting, z)
+        dec = await self.studio.renderer.submit(DECODE, setting, z, owner=self)
         image_ms, png = await _png(dec.out if kind == "strip" else dec.out[0])
         timings = {"encode_ms": self.encode_ms["a"], "decode_ms": dec.runner_ms, "image_ms": image_ms,
                    "queue_ms": dec.queue_ms, "batch": dec.rows, "steps": setting.steps, "sampler": setting.sampler}
@@ -255,13 +260,23 @@ class Session:
     async def send_frame(self, header: dict, png: bytes) -> None:
         s = self.studio.image_size
         width = s * header.get("count", 1) if header["kind"] == "strip" else s
-        async with self._send_lock:
-            await self._send_bytes(P.pack({"type": "frame", "width": width, "height": s, **header}, png))
+        await self._send(self._send_bytes, P.pack({"type": "frame", "width": width, "height": s, **header}, png))
         self.studio.stats.frames += 1
 
     async def send_json(self, msg: dict) -> None:
+        await self._send(self._send_text, json.dumps(msg, allow_nan=False))
+
+    async def _send(self, send: Callable[[Any], Awaitable[None]], data) -> None:
+        """Send on the socket; any failure of the socket (the client went away: Starlette's
+        WebSocketDisconnect, a closed transport) is ClientGone, which ends the render loop
+        quietly: it is no error of ours."""
         async with self._send_lock:
-            await self._send_text(json.dumps(msg, allow_nan=False))
+            try:
+                await send(data)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise ClientGone(f"the client went away ({type(exc).__name__})") from exc
 
     async def error(self, exc: Exception | str, seq: int | None, about: str | None) -> None:
         self.studio.stats.errors += 1

@@ -1,13 +1,24 @@
 """What every connection of one server shares: the model's renderer, the attribute
-directions, the held-out images, the limits, and the counters of ``/api/stats``."""
+directions, the held-out images, the limits, the upload decoders, and the counters of
+``/api/stats``.
+
+Uploads are decoded in a pool of :data:`DECODE_WORKERS` threads (in parallel up to that
+many, the others waiting their turn; no lock between them), by
+:func:`dbae.imageio.decode_reduced`: PNG, JPEG and WebP only, in 8 bits, reduced towards the
+model's size while decoding, so one decode holds at most about 5 bytes per pixel of the
+file's image (320 MB at the 64-megapixel limit) and the pool at most that many times that.
+A decode whose connection closed is called off (:meth:`Studio.decode_upload`)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
+import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +28,7 @@ from PIL import Image
 from ..apps.attributes import AttributeClassifier
 from ..data import ShapesDataset
 from ..errors import DataError
-from ..imageio import decode_rgb, max_image_pixels, pil_to_tensor, resize_square, to_uint8
+from ..imageio import DecodeAbandoned, decode_reduced, max_image_pixels, pil_to_tensor, resize_square, to_uint8
 from ..inference import LoadedModel
 from . import align
 from .latents import attribute_directions
@@ -29,6 +40,10 @@ Tensor = torch.Tensor
 DEFAULT_MAX_UPLOAD_BYTES = 10_000_000
 #: held-out images offered by the page's picker
 HELDOUT = 24
+#: uploads decoded at once (threads); more wait for a free one
+DECODE_WORKERS = 2
+#: an upload to align is decoded at no less than 4x this side (the face detector's input)
+ALIGN_MIN_SIDE = 128
 
 
 def png_bytes(x: Tensor) -> bytes:
@@ -61,6 +76,7 @@ class Stats:
     coalesced: int = 0
     errors: int = 0
     uploads: int = 0
+    uploads_abandoned: int = 0  # decodes called off because their connection closed
     #: per edit frame: the runner call it waited for, and everything else it took on the server
     #: except waiting for other connections' runner calls
     frame_runner_ms: float = 0.0
@@ -103,6 +119,7 @@ class Studio:
         self._heldout_png: dict[int, bytes] = {}
         self.sessions: weakref.WeakSet = weakref.WeakSet()
         self.stats = Stats()
+        self._decoders = ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="dbae-decode")
 
     def _heldout_images(self, n: int) -> Tensor:
         """The built-in shapes test split for models trained on shapes; none otherwise."""
@@ -144,23 +161,40 @@ class Studio:
     def pixel_limit(self) -> int:
         return self.max_pixels if self.max_pixels is not None else max_image_pixels()
 
-    def prepare_upload(self, data: bytes, want_align: bool) -> tuple[Tensor, str]:
+    async def decode_upload(self, data: bytes, want_align: bool) -> tuple[Tensor, str]:
+        """:meth:`prepare_upload` in the decode pool. If the awaiting task is cancelled (its
+        connection closed), a decode still waiting for a thread never starts and one that
+        runs stops at its next block of input."""
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._decoders, self.prepare_upload, data, want_align, cancel)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            cancel.set()
+            self.stats.uploads_abandoned += 1
+            raise
+
+    def prepare_upload(self, data: bytes, want_align: bool,
+                       cancel: threading.Event | None = None) -> tuple[Tensor, str]:  # fmt: skip
         """The uploaded file's bytes as the model's input (1, 3, S, S) and a note of what was
-        done to it. Decoded in memory with the pixel limit (DataError for anything that is
-        not a readable image, is truncated, or claims too many pixels); an image of another
-        size is resized and centre-cropped as ``--resize`` does, or FFHQ-aligned for a face
-        model when asked and available."""
+        done to it. Decoded in memory by :func:`~dbae.imageio.decode_reduced` with the pixel
+        limit (DataError for anything that is not a PNG, JPEG or WebP image, is truncated,
+        or claims too many pixels); an image of another size is resized and centre-cropped
+        as ``--resize`` does, or FFHQ-aligned for a face model when asked and available.
+        ``cancel`` set: DecodeAbandoned."""
         if len(data) == 0:
             raise DataError("the uploaded file is empty")
         if len(data) > self.max_upload_bytes:
             raise DataError(self.too_large(len(data)))
         try:
-            im = decode_rgb(data, "the uploaded file", max_pixels=self.pixel_limit())
+            aligning = want_align and self.face and self.align_available  # (the detector needs more pixels)
+            side = max(self.image_size, ALIGN_MIN_SIDE) if aligning else self.image_size
+            im, (w, h) = decode_reduced(data, "the uploaded file", side, max_pixels=self.pixel_limit(),
+                                        cancel=cancel)  # fmt: skip
         except DataError as exc:  # Pillow names the in-memory stream (<_io.BytesIO object at 0x...>)
-            message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
-            raise DataError(message.replace("(cannot identify image file)",
-                                            "(not a PNG, JPEG, WebP or other format Pillow reads)")) from None
-        w, h, s = im.width, im.height, self.image_size
+            raise DataError(re.sub(r"\s*<[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))) from None
+        s = self.image_size
         note = ""
         if want_align and self.face:
             if self.align_available:
@@ -170,8 +204,10 @@ class Studio:
                 note = f"{how}: "
             else:
                 note = align.why_unavailable().split(";")[0] + ": "
+        if cancel is not None and cancel.is_set():
+            raise DecodeAbandoned
         if (w, h) != (s, s):
-            im = resize_square(im, s, center_crop=True)
+            im = resize_square(im, s, center_crop=True)  # (from the reduced image)
             note += f"resized from {w}x{h} to {s}x{s} (shorter side, then centre-cropped)"
         elif note:
             note += "used as it is"
@@ -192,6 +228,7 @@ class Studio:
             "coalesced": s.coalesced,
             "errors": s.errors,
             "uploads": s.uploads,
+            "uploads_abandoned": s.uploads_abandoned,
             "runner_calls": r.calls,
             "runner_rows": r.rows,
             "runner_jobs": r.jobs,
