@@ -219,13 +219,13 @@ def _reduce_8bit(im: Image.Image, target: int, cancel: threading.Event | None) -
     return im.reduce(factor) if factor > 1 else im
 
 
-def _sixteen_to_8bit(im: Image.Image, rows: int = 512) -> Image.Image:
+def _sixteen_to_8bit(im: Image.Image, rows: int = 256) -> Image.Image:
     """16-bit greyscale (or 32-bit "I") as 8-bit "L": round(v / 257) clipped to 0..255, in
-    integers, a few rows at a time (no full-size float or 32-bit copy)."""
-    levels = np.asarray(im)
-    out = np.empty(levels.shape, dtype=np.uint8)
-    for r in range(0, levels.shape[0], rows):
-        block = levels[r:r + rows].astype(np.int64)
+    integers, a band of rows at a time (no full-size copy beside the 8-bit result)."""
+    w, h = im.size
+    out = np.empty((h, w), dtype=np.uint8)
+    for r in range(0, h, rows):
+        block = np.asarray(im.crop((0, r, w, min(h, r + rows)))).astype(np.int64)
         out[r:r + rows] = ((2 * block + 257) // 514).clip(0, 255)  # round(v / 257): v / 257 is never k + 1/2
     return Image.fromarray(out)
 
