@@ -22,6 +22,13 @@ runner time. Then a memory check: --cycles connect / upload / disconnect cycles 
     python benchmarks/bench_serve.py --ckpt runs/shapes16                      # 1, 4, 16 clients, 10 s each
     python benchmarks/bench_serve.py --ckpt runs/shapes16 --max-batch 1         # batching off, to compare
     python benchmarks/bench_serve.py --ckpt runs/shapes16 --smoke --json out.json   # CI: 1 client, 1 s
+    python benchmarks/bench_serve.py --ckpt runs/shapes16 --hostile 8           # hostile neighbours
+
+Hostile neighbours (``--hostile N``): one well-behaved client drags sliders for --seconds
+alone, then again beside N clients that each load two images and ask for a 16-image strip
+at 10 steps every --interval-ms (newest wins on the server: each always has one waiting).
+Reported: the well-behaved client's p50 / p95 slider-to-frame latency beside them against
+its p95 alone in the same run, and the strips the others got.
 
 The clients run in this process, on the same CPU cores as the server: on a 2-core machine
 they take a share of it (see the client CPU column), so the numbers are those a browser on the
@@ -281,8 +288,9 @@ class Bench:
     def image(self, i: int, pool: list[bytes]) -> bytes | None:
         return None if self.args.source == "pick" else pool[i % len(pool)]
 
-    async def phase(self, n: int) -> dict:
-        """n clients dragging sliders for --seconds."""
+    async def phase(self, n: int, alone: bool = True) -> dict:
+        """n clients dragging sliders for --seconds (``alone``: no other client uses the
+        server meanwhile, so its counters are theirs and are checked against them)."""
         a = self.args
         self.n_clients = n
         rss_before = (await asyncio.to_thread(self.stats))["rss_mb"]
@@ -322,6 +330,8 @@ class Bench:
             "runner calls <= frames": d["runner_calls"] <= frames,
             "frames in seq order": all(c.out_of_order == 0 for c in clients),
         }
+        if not alone:  # the server's counters include the others' work
+            checks = {k: v for k, v in checks.items() if k in ("edits_sent == frames + coalesced", "frames in seq order")}
         result.update({
             "seconds": elapsed,
             "frames_per_s": frames / elapsed,
@@ -366,6 +376,61 @@ class Bench:
             await c.close()
         if c.errors:
             raise RuntimeError(f"cycle {i}: server error: {c.errors[0].get('message')}")
+
+    async def hostile(self, n: int) -> dict:
+        """One client dragging alone, then beside n clients flooding 16-image strips at 10 steps."""
+        a = self.args
+        quiet = await self.phase(1)
+        flooders = [Client(1000 + i, self) for i in range(n)]
+        strips = [0] * n
+        errors: list[str] = []
+        stop = asyncio.Event()
+
+        async def flood(i: int, c: Client) -> None:
+            async def receive() -> None:
+                while True:
+                    msg = await c.ws.recv()
+                    if isinstance(msg, str):
+                        m = json.loads(msg)
+                        if m.get("type") == "error":
+                            errors.append(m.get("message", ""))
+                    elif unpack(msg)[0].get("kind") == "strip":
+                        strips[i] += 1
+
+            receiver = asyncio.create_task(receive())
+            try:
+                while not stop.is_set():
+                    await c.ws.send(json.dumps({"type": "strip", "seq": c.next_seq(), "count": 16, "steps": 10}))
+                    await asyncio.sleep(a.interval_ms / 1e3)
+            except ConnectionClosed as exc:
+                errors.append(f"flooder {i}: connection closed ({exc})")
+            finally:
+                receiver.cancel()
+                await asyncio.gather(receiver, return_exceptions=True)
+
+        try:
+            await asyncio.gather(*(c.open() for c in flooders))
+            for c in flooders:
+                await c.load("a", self.image(c.index, self.images), c.index % max(1, len(self.heldout)))
+                await c.load("b", self.image(c.index + 1, self.images), (c.index + 1) % max(1, len(self.heldout)))
+            tasks = [asyncio.create_task(flood(i, c)) for i, c in enumerate(flooders)]
+            await asyncio.sleep(1.0)  # the flood under way
+            t0 = time.perf_counter()
+            loaded = await self.phase(1, alone=False)
+            seconds = time.perf_counter() - t0
+            stop.set()
+            await asyncio.gather(*tasks)
+        finally:
+            await asyncio.gather(*(c.close() for c in flooders))
+        q, l = quiet["latency_ms"], loaded["latency_ms"]
+        return {
+            "flooders": n, "alone": quiet, "beside": loaded,
+            "p95_alone_ms": q["p95"], "p50_beside_ms": l["p50"], "p95_beside_ms": l["p95"],
+            "p50_ratio": l["p50"] / q["p95"] if q["p95"] and l["p50"] else None,
+            "p95_ratio": l["p95"] / q["p95"] if q["p95"] and l["p95"] else None,
+            "strips_per_s": sum(strips) / seconds, "strips_min_flooder": min(strips) if strips else 0,
+            "flooder_errors": errors[:10], "flooder_error_count": len(errors),
+        }
 
     async def memory(self) -> dict:
         """--warmup-cycles then --cycles connect / upload / disconnect cycles, one at a time."""
@@ -471,6 +536,18 @@ async def run_all(bench: Bench) -> dict:
         for name, ok in r["checks"].items():
             if not ok:
                 print(f"  ! check failed: {name}", flush=True)
+    if a.hostile:
+        h = await bench.hostile(a.hostile)
+        out["hostile"] = h
+        for r in (h["alone"], h["beside"]):
+            print(format_row(r), flush=True)
+        print(f"hostile neighbours: {h['flooders']} clients flooding 16-image strips at 10 steps "
+              f"({h['strips_per_s']:.1f} strips/s in all, the least served got {h['strips_min_flooder']}): the "
+              f"well-behaved client's p50 {fmt(h['p50_beside_ms'], '.1f')} ms, p95 {fmt(h['p95_beside_ms'], '.1f')} ms "
+              f"beside them, p95 {fmt(h['p95_alone_ms'], '.1f')} ms alone (x{fmt(h['p50_ratio'], '.2f')} / "
+              f"x{fmt(h['p95_ratio'], '.2f')})", flush=True)  # fmt: skip
+        for f in h["flooder_errors"]:
+            print(f"  ! flooder: {f}", flush=True)
     if a.cycles > 0:
         m = await bench.memory()
         out["memory"] = m
@@ -507,12 +584,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to wait for the frame of a client's last edit")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for the server to start")
     p.add_argument("--json", type=Path, default=Path("runs/bench_serve.json"))
+    p.add_argument("--hostile", type=int, default=0, metavar="N",
+                   help="hostile neighbours: one client dragging alone, then beside N clients flooding 16-image "
+                        "strips at 10 steps (after the --clients phases; --clients 0 phases: pass --clients 1)")
     p.add_argument("--smoke", action="store_true", help="1 client for 1 s and a few cycles: checks the script (CI)")
     args = p.parse_args(argv)
     if args.smoke:
         args.clients, args.seconds, args.cycles, args.warmup_cycles = [1], 1.0, 10, 2
     if any(n < 1 for n in args.clients) or args.seconds <= 0 or args.interval_ms <= 0 or args.cycles < 0 \
-            or args.warmup_cycles < 0 or args.max_batch < 1 \
+            or args.warmup_cycles < 0 or args.max_batch < 1 or args.hostile < 0 \
             or (args.threads is not None and args.threads < 1):  # fmt: skip
         p.error("--clients, --max-batch and --threads must be >= 1, --seconds and --interval-ms > 0, cycles >= 0")
     return args
@@ -574,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
         m = result.get("memory", {})
         errors += m.get("failure_count", 0) + m.get("server_errors", 0)
         checks_ok = all(r["ok"] for r in result.get("runs", [])) and m.get("connections_open_after", 0) == 0
+        h = result.get("hostile")
+        if h:
+            errors += sum(r["errors"] + r["failure_count"] for r in (h["alone"], h["beside"])) + h["flooder_error_count"]
+            checks_ok = checks_ok and h["alone"]["ok"] and h["beside"]["ok"]
         result["errors"] = errors
         result["ok"] = ok and errors == 0 and checks_ok
         why = [] if ok else ["the benchmark did not finish"]

@@ -13,11 +13,13 @@ Fairness between connections: every job has an owner (its connection). The dispa
 serves owners round-robin, least recently served first: the first waiting job of the
 least recently served owner sets the call's kind and decode setting, and the call takes
 rows of that kind one per owner and round, so a job of L rows (a strip of L images) costs
-L rows and is split over calls when others wait. While a job of another kind or setting
-waits, a call is one round (at most one row per owner), so a well-behaved edit waits for
-at most one call of at most one row per other connection (and ``max_batch`` rows in all),
-however large and however many the strips the others ask for. With one kind waiting,
-rounds repeat up to ``max_batch`` rows: batching as before.
+L rows and is split over calls when others wait. A call is one round (at most one row per
+owner) unless every job waiting is of one kind and every owner of the previous call is
+back among them; only then do rounds repeat up to ``max_batch`` rows (batching as before).
+So a well-behaved edit waits for at most one call of at most one row per other connection
+(and ``max_batch`` rows in all), however large and however many the strips the others ask
+for: its own connection, just served and about to submit again, stops the others' call
+growing past one round.
 
 Runners are made by :func:`dbae.export.registry.factory`, one per decode setting (steps,
 sampler), on first use, and kept.
@@ -117,6 +119,7 @@ class Renderer:
         self.default = default
         self.max_batch = max_batch
         self._served_at: dict[int, int] = {}  # owner -> the call that last served it
+        self._last_owners: set[int] = set()  # the owners of the last call
         self._make = runner_factory(kind, model, precision)
         self._runners: dict[DecodeSetting, Runner] = {}
         # the worker thread runs with torch's CPU thread count of now (see dbae serve --threads)
@@ -214,7 +217,8 @@ class Renderer:
         """The next call's rows, as (job, first row, end row), and the jobs left waiting, in
         order. The least recently served owner's first job sets the kind and setting; the
         rows of that kind are taken one per owner and round (owners in that order), up to
-        ``max_batch`` rows, and for one round only while a job of another kind waits."""
+        ``max_batch`` rows; for one round only while a job of another kind waits or an
+        owner of the last call has not submitted again."""
         live = [j for j in waiting if not j.future.done()]  # a cancelled job's connection is gone
         if not live:
             return [], []
@@ -225,7 +229,7 @@ class Renderer:
         owners = sorted(by_owner, key=lambda o: served.get(o, -1))  # (stable: in arrival order among equals)
         head = by_owner[owners[0]][0]
         kind = (head.op, head.setting)
-        others = any((j.op, j.setting) != kind for j in live)
+        fill = all((j.op, j.setting) == kind for j in live) and self._last_owners <= by_owner.keys()
         queues = [[j for j in by_owner[o] if (j.op, j.setting) == kind] for o in owners]
         take: dict[_Job, int] = {}
         rows = 0
@@ -238,8 +242,9 @@ class Renderer:
                     take[queue[0]] = take.get(queue[0], 0) + 1
                     rows += 1
                     added = True
-            if not added or others:
+            if not added or not fill:
                 break
+        self._last_owners = {job.owner for job in take}
         batch = []
         for job, n in take.items():
             batch.append((job, job.taken, job.taken + n))
