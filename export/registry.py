@@ -82,7 +82,9 @@ def _onnxruntime_step(model: DBAE, precision: str) -> RunnerFactory:
     from .onnxruntime_step import step_factory
 
     require_onnx()
-    return step_factory(model, precision, log=lambda line: print(line, flush=True))
+    # ONNX Runtime's threads follow torch's (dbae serve --threads): eleven session runs per
+    # 10-step decode, each waking the intra-op pool, where the unrolled graph runs once
+    return step_factory(model, precision, threads=torch.get_num_threads(), log=lambda line: print(line, flush=True))
 
 
 def tensorrt_cache_dir() -> Path:
