@@ -55,8 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="round-robin rounds of the in-process part (default 3)")
     p.add_argument("--runs", type=int, default=30, help="timed batch-1 decodes per setting and round (default 30)")
     p.add_argument("--threads", type=int, help="torch's CPU threads (default: dbae serve's, half the cores)")
+    p.add_argument("--unrolled-threads", action="store_true",
+                   help="also time the unrolled graphs with ONNX Runtime at torch's thread count")
     p.add_argument("--serve-seconds", type=float, default=10.0, help="seconds per bench_serve run (0: skip part 2)")
-    p.add_argument("--serve-rounds", type=int, default=2, help="bench_serve runs per kind, round-robin (default 2)")
+    p.add_argument("--serve-rounds", type=int, default=3, help="bench_serve runs per kind, round-robin (default 3)")
     p.add_argument("--json", type=Path, default=Path("runs/bench_runners_cpu.json"))
     return p.parse_args(argv)
 
@@ -104,11 +106,14 @@ def _time_runners(args: argparse.Namespace, model, settings: list, out: dict) ->
             runners[kind, s] = factories[kind](s)
             runners[kind, s].decode(z)
             out["first_decode_s"][f"{kind} {s.sampler} x{s.steps}"] = time.perf_counter() - t0
-    times: dict = {(kind, s): [] for kind in args.kinds for s in settings}
+    kinds = list(args.kinds)
+    if args.unrolled_threads:
+        kinds.append(_unrolled_at_torch_threads(model, settings, runners, out))
+    times: dict = {(kind, s): [] for kind in kinds for s in settings}
     with torch.no_grad():
         for r in range(args.rounds):
             for s in settings:
-                for kind in args.kinds:
+                for kind in kinds:
                     runner = runners[kind, s]
                     runner.decode(z)  # warm
                     for _ in range(args.runs):
@@ -119,6 +124,23 @@ def _time_runners(args: argparse.Namespace, model, settings: list, out: dict) ->
         out["decode_ms"][f"{kind} {s.sampler} x{s.steps}"] = {
             "kind": kind, "sampler": s.sampler, "steps": s.steps, "runs": len(ms),
             "p50": statistics.median(ms), "p95": percentile(ms, 95), "mean": statistics.fmean(ms)}  # fmt: skip
+
+
+def _unrolled_at_torch_threads(model, settings: list, runners: dict, out: dict) -> str:
+    """The unrolled runner again, with ONNX Runtime at torch's thread count (as the step runner
+    runs), added to ``runners``; its kind name."""
+    from dbae.export.onnx_export import export_onnx
+    from dbae.export.onnxruntime_runner import OnnxRuntimeRunner
+
+    n = torch.get_num_threads()
+    kind = f"onnxruntime ({n} thread{'s' if n > 1 else ''})"
+    with tempfile.TemporaryDirectory(prefix="dbae-bench-unrolled-") as tmp:
+        t0 = time.perf_counter()
+        export_onnx(model, Path(tmp) / "export", settings=settings, precisions=["fp32"], kinds=("encoder", "decode"))
+        out["startup_s"][f"{kind}: export of every setting"] = time.perf_counter() - t0
+        for s in settings:
+            runners[kind, s] = OnnxRuntimeRunner(Path(tmp) / "export", "cpu", "fp32", s, threads=n)
+    return kind
 
 
 def serve_part(args: argparse.Namespace) -> dict:
@@ -142,6 +164,8 @@ def serve_part(args: argparse.Namespace) -> dict:
                     "ok": data.get("ok"), "runner": data.get("info", {}).get("runner"),
                     "startup_s": data.get("server", {}).get("startup_s"), "p50": lat.get("p50"), "p95": lat.get("p95"),
                     "frames_per_s": run.get("frames_per_s"), "overhead_share": run.get("overhead_share"),
+                    "frame_runner_ms": run.get("frame_runner_ms"), "frame_overhead_ms": run.get("frame_overhead_ms"),
+                    "server_cpu": run.get("server_cpu"), "client_cpu": run.get("client_cpu"),
                     "load_average": data["meta"].get("load_average_at_start"),
                 })  # fmt: skip
                 print(f"  {kind}: {results[kind][-1]}", flush=True)
@@ -165,12 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['kind']:<18} {key:<10} {row['p50']:8.2f} {row['p95']:8.2f} {vs_eager:>12} {vs_unrolled:>15}")
     if args.serve_seconds > 0:
         result["serve"] = sv = serve_part(args)
-        print(f"\n{'runner (serve, 1 client)':<26} {'p50 ms':>8} {'p95 ms':>8} {'frames/s':>9} {'overhead':>9} {'ok':>4}")
+        print(f"\n{'runner (serve, 1 client)':<26} {'p50 ms':>8} {'p95 ms':>8} {'frames/s':>9} {'runner ms':>10} "
+              f"{'overhead ms':>12} {'overhead':>9} {'start s':>8} {'ok':>4}")  # fmt: skip
         for kind, runs in sv.items():
             for r in runs:
                 fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
                 print(f"{kind:<26} {fmt(r['p50'], '8.1f')} {fmt(r['p95'], '8.1f')} {fmt(r['frames_per_s'], '9.1f')} "
-                      f"{fmt(r['overhead_share'], '9.1%')} {str(r['ok']):>4}")  # fmt: skip
+                      f"{fmt(r['frame_runner_ms'], '10.2f')} {fmt(r['frame_overhead_ms'], '12.2f')} "
+                      f"{fmt(r['overhead_share'], '9.1%')} {fmt(r['startup_s'], '8.1f')} {str(r['ok']):>4}")  # fmt: skip
     result["meta"]["load_average_at_end"] = os.getloadavg()
     print(f"load at the end {result['meta']['load_average_at_end']}")
     write_json(args.json, result)
