@@ -219,3 +219,26 @@ def test_the_cache_defaults_to_the_home_cache(monkeypatch, tmp_path):
     assert dbae_cache_dir() == tmp_path / ".cache" / "dbae"
     monkeypatch.setenv("DBAE_CACHE_DIR", str(tmp_path / "c"))
     assert dbae_cache_dir() == tmp_path / "c" and os.fspath(dbae_cache_dir()).endswith("c")
+
+
+def test_the_runner_benchmark_script_runs(model, tmp_path):
+    """benchmarks/bench_runners_cpu.py, cut to one setting and one call (its timings are not checked)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from dbae.checkpoints import save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "step-00000001.safetensors", preset=get_preset("tiny16"), step=1,
+                           model=model.state_dict(), ema=model.state_dict())  # fmt: skip
+    out = tmp_path / "runners.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_runners_cpu.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(script), "--ckpt", str(ckpt), "--kinds", "eager", "onnxruntime-step",
+                          "--steps", "2", "--samplers", "heun", "--rounds", "1", "--runs", "2", "--serve-seconds", "0",
+                          "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = data["in_process"]["decode_ms"]
+    assert set(rows) == {"eager heun x2", "onnxruntime-step heun x2"} and all(r["runs"] == 2 for r in rows.values())
+    assert data["in_process"]["startup_s"]["onnxruntime-step (cached)"] >= 0 and "load_average" in data["meta"]
