@@ -203,6 +203,8 @@ def test_auto_picks_the_step_runner_on_the_cpu_when_onnxruntime_imports(model, t
         renderer.close()
     assert resolve_runner_kind("auto", torch.device("cuda", 0)) == "cuda-graph"
     assert resolve_runner_kind("eager", cpu) == "eager" and resolve_runner_kind("onnxruntime", cpu) == "onnxruntime"
+    assert resolve_runner_kind("auto", cpu, "fp32") == resolve_runner_kind("auto", cpu, "fp16") == "onnxruntime-step"
+    assert resolve_runner_kind("auto", cpu, "bf16") == "eager"  # ONNX Runtime has no bfloat16 convolutions
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     assert resolve_runner_kind("auto", cpu) == "eager"
     assert resolve_runner_kind("auto", torch.device("cuda", 0)) == "cuda-graph"

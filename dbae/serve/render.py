@@ -42,16 +42,19 @@ ENCODE, DECODE = "encode", "decode"
 GATHER_S = 0.002
 
 
-def resolve_runner_kind(kind: str, device: torch.device) -> str:
+def resolve_runner_kind(kind: str, device: torch.device, precision: str | None = None) -> str:
     """``auto``: on the CPU the ONNX Runtime step runner where onnx and onnxruntime import
     (one U-Net graph, exported once per model into the cache and driven by the sampler, so
     every steps / sampler setting is ready at once; see docs/benchmarks.md for its latency
-    against eager and the unrolled onnxruntime runner), eager PyTorch where they do not; the
-    CUDA-graph runner on a GPU; any other kind is returned as it is."""
+    against eager and the unrolled onnxruntime runner), eager PyTorch where they do not or
+    for a ``precision`` that ONNX Runtime cannot run (bf16); the CUDA-graph runner on a GPU.
+    Any other kind is returned as it is."""
     if kind != "auto":
         return kind
     if device.type == "cuda":
         return "cuda-graph"
+    if precision not in (None, "fp32", "fp16"):
+        return "eager"
     return "onnxruntime-step" if _onnxruntime_imports() else "eager"
 
 
