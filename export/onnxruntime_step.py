@@ -17,15 +17,17 @@ written atomically by :func:`dbae.export.onnx_export.export_onnx`; on start-up i
 (every file against its sha256, the configuration against the model) and exported again if
 it is missing, incomplete or damaged. Concurrent start-ups take a file lock, so one exports
 and the other reuses. If the cache folder cannot be written, the graphs go to a temporary
-folder for this process only (and a warning says so).
+folder for this process only, removed when it exits (and a warning says so).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -122,6 +124,7 @@ def ensure_step_export(
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         tmp = Path(tempfile.mkdtemp(prefix="dbae-onnx-step-")) / folder.name
+        atexit.register(shutil.rmtree, tmp.parent, ignore_errors=True)  # this process's only
         print(f"warning: cannot write the ONNX cache {folder.parent} ({exc.strerror}); exporting into {tmp.parent} "
               "for this process only (set DBAE_CACHE_DIR to a writable folder to keep it)", file=sys.stderr)  # fmt: skip
         return tmp, _export(model, tmp, precision), True

@@ -174,6 +174,9 @@ def test_an_unwritable_cache_exports_for_this_process_only(model, tmp_path, caps
     assert exported and not str(folder).startswith(str(blocker)) and read_manifest(folder)
     err = capsys.readouterr().err
     assert "cannot write the ONNX cache" in err and "DBAE_CACHE_DIR" in err and err.count("\n") == 1
+    import shutil
+
+    shutil.rmtree(folder.parent)  # (the process would remove it when it exits)
 
 
 def test_registry_kind_and_the_default_cache_folder(model, tmp_path, monkeypatch, capsys):
