@@ -5,6 +5,7 @@ An export folder holds, per precision (``fp32``, ``fp16``, ``bf16``), the graphs
     encoder.<precision>.onnx                  images (B, C, H, W) -> z (B, z_dim), the encoder mean
     endpoint.<precision>.onnx                 z -> x_T = Dec(z)
     denoiser.<precision>.onnx                 (x_t, t, x_T, z) -> D, one network evaluation
+    network.<precision>.onnx                  (c_in x_t, c_noise, x_T, z) -> F, the U-Net alone
     decode-<sampler>-k<K>.<precision>.onnx    z -> images, Dec(z) then K unrolled sampler steps
 
 and ``manifest.json``, written last: a folder without a readable manifest is no export.
@@ -67,7 +68,7 @@ class TensorInfo:
 class GraphInfo:
     """One ONNX file of the export."""
 
-    kind: str  # encoder | endpoint | denoiser | decode
+    kind: str  # encoder | endpoint | denoiser | network | decode
     precision: str  # fp32 | fp16
     file: str
     sha256: str

@@ -43,7 +43,7 @@ from .manifest import (
     graph_key,
     sha256_file,
 )
-from .onnx_graphs import DecodeGraph, DenoiserGraph, EncoderGraph, EndpointGraph
+from .onnx_graphs import DecodeGraph, DenoiserGraph, EncoderGraph, EndpointGraph, NetworkGraph
 from .runner import DecodeSetting
 
 Tensor = torch.Tensor
@@ -52,7 +52,9 @@ Tensor = torch.Tensor
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
-GRAPH_KINDS = ("encoder", "endpoint", "denoiser", "decode")
+GRAPH_KINDS = ("encoder", "endpoint", "denoiser", "network", "decode")
+#: what an export holds unless told (``network`` is what the onnxruntime-step runner caches for itself)
+DEFAULT_KINDS = ("encoder", "endpoint", "denoiser", "decode")
 #: batch size of the example inputs that the graphs are traced with (not 1: no size-1 specialisation)
 TRACE_BATCH = 2
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -78,7 +80,7 @@ def export_onnx(
     *,
     settings: Sequence[DecodeSetting],
     precisions: Sequence[str] = ("fp32",),
-    kinds: Sequence[str] = GRAPH_KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     preset: str = "custom",
     checkpoint: CheckpointInfo | None = None,
     opset: int | None = None,
@@ -176,6 +178,8 @@ def _graph_module(kind: str, net: DBAE, setting: DecodeSetting | None) -> nn.Mod
         return EndpointGraph(net)
     if kind == "denoiser":
         return DenoiserGraph(net)
+    if kind == "network":
+        return NetworkGraph(net)
     assert setting is not None
     return DecodeGraph(net, setting)
 
@@ -190,6 +194,9 @@ def _example_inputs(kind: str, cfg) -> tuple[Tensor, ...]:
     if kind == "denoiser":
         t = torch.rand((B,), generator=g) * 0.9 + 0.05
         return (images, t, torch.rand((B, C, S, S), generator=g) * 2 - 1, z)
+    if kind == "network":
+        c_noise = torch.rand((B,), generator=g) * 2 - 1
+        return (images, c_noise, torch.rand((B, C, S, S), generator=g) * 2 - 1, z)
     return (z,)
 
 

@@ -81,6 +81,28 @@ class DenoiserGraph(nn.Module):
         return self.model.denoise(x_t.to(dt), t, x_T.to(dt), z.to(dt)).float()
 
 
+class NetworkGraph(nn.Module):
+    """The score U-Net alone, (x_in, c_noise, x_T, z) -> F, with x_in = c_in x_t; c_noise has
+    shape (B,). The preconditioning stays on the host (float64 scalars, as
+    :meth:`DBAE.network_output` computes them), so one graph serves every decode setting: the
+    ``onnxruntime-step`` runner drives the project's own sampler (and fused steps) with it.
+    c_noise stays float32 at every precision (the U-Net's time embedding casts it after its
+    sinusoids, as :class:`dbae.export.torch_runners.CastNetwork` runs it)."""
+
+    input_names = ("x_in", "c_noise", "x_T", "z")
+    output_names = ("F",)
+    nfe = 1
+
+    def __init__(self, model: DBAE) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = _dtype(model)
+
+    def forward(self, x_in: Tensor, c_noise: Tensor, x_T: Tensor, z: Tensor) -> Tensor:
+        dt = self.dtype
+        return self.model.unet(x_in.to(dt), c_noise, x_T.to(dt), z.to(dt)).float()
+
+
 class DecodeGraph(nn.Module):
     """z (B, z_dim) -> images (B, C, H, W) in [-1, 1]: x_T = Dec(z), then ``setting.steps``
     unrolled steps of ``setting.sampler`` (ODE, no churn), D clamped as in :meth:`DBAE.decode`."""

@@ -4,9 +4,11 @@ A factory is a function of the decode setting (runners fix their decode length w
 made). Asking for a kind that cannot run here raises :class:`dbae.errors.ConfigError`
 that says why and what to install.
 
-The ONNX Runtime and TensorRT factories export the model (encoder and the unrolled decode
-for the requested setting) into a temporary folder, build the runner from it and delete
-the folder (the runtimes hold the graphs in memory). TensorRT engines and the timing cache
+The ``onnxruntime-step`` factory exports the encoder, the endpoint decoder and the U-Net
+once, into a cache keyed by the model's sha256 (see :mod:`.onnxruntime_step`), and serves
+every decode setting from them. The other ONNX Runtime and the TensorRT factories export
+the model (encoder and the unrolled decode for the requested setting) into a temporary
+folder, build the runner from it and delete the folder (the runtimes hold the graphs in memory). TensorRT engines and the timing cache
 are kept in ``$DBAE_CACHE_DIR/tensorrt`` (default ``~/.cache/dbae/tensorrt``), keyed by the
 graph's sha256, so repeated benchmarks do not rebuild them.
 """
@@ -75,6 +77,16 @@ def _onnxruntime(provider: str) -> Callable[[DBAE, str], RunnerFactory]:
     return make
 
 
+def _onnxruntime_step(model: DBAE, precision: str) -> RunnerFactory:
+    from .onnx_export import require_onnx
+    from .onnxruntime_step import step_factory
+
+    require_onnx()
+    # ONNX Runtime's threads follow torch's (dbae serve --threads): eleven session runs per
+    # 10-step decode, each waking the intra-op pool, where the unrolled graph runs once
+    return step_factory(model, precision, threads=torch.get_num_threads(), log=lambda line: print(line, flush=True))
+
+
 def tensorrt_cache_dir() -> Path:
     return Path(os.environ.get("DBAE_CACHE_DIR") or Path.home() / ".cache" / "dbae") / "tensorrt"
 
@@ -103,6 +115,7 @@ KINDS: dict[str, tuple[Callable[..., RunnerFactory], str]] = {
     "cuda-graph": (_cuda_graph(False), "encode / decode / edit captured as CUDA graphs (GPU)"),
     "cuda-graph-compiled": (_cuda_graph(True), "CUDA graphs of the torch.compile'd networks (GPU)"),
     "onnxruntime": (_onnxruntime("cpu"), "ONNX export in ONNX Runtime, CPU provider (fp32 or fp16)"),
+    "onnxruntime-step": (_onnxruntime_step, "ONNX Runtime, CPU: one cached U-Net graph driven by the sampler (any K)"),
     "onnxruntime-cuda": (_onnxruntime("cuda"), "ONNX export in ONNX Runtime, CUDA provider with IO binding"),
     "tensorrt": (_tensorrt, "TensorRT engines built from the ONNX export (GPU)"),
 }
@@ -113,12 +126,14 @@ def _importable(module: str) -> bool:
 
 
 def default_kinds(device: torch.device) -> list[str]:
-    """What ``dbae bench latency`` compares when no runner is named: on the CPU, ONNX Runtime
-    too where onnx and onnxruntime import (not on CUDA, where the bench's default precision,
+    """What ``dbae bench latency`` compares when no runner is named: on the CPU, the two ONNX
+    Runtime runners (unrolled graphs, and the step runner) too where onnx and onnxruntime import (not on CUDA, where the bench's default precision,
     bf16, has no ONNX Runtime kernels; name ``onnxruntime-cuda`` with --precision fp16 or fp32)."""
     if device.type == "cuda":
         return ["eager", "cuda-graph"]
-    return ["eager", "onnxruntime"] if _importable("onnx") and _importable("onnxruntime") else ["eager"]
+    if _importable("onnx") and _importable("onnxruntime"):
+        return ["eager", "onnxruntime", "onnxruntime-step"]
+    return ["eager"]
 
 
 #: the runner kinds that run the PyTorch model (and take the PyTorch options below)

@@ -16,6 +16,16 @@ import torch  # noqa: E402  (torch itself does not import triton)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The runners' caches (the onnxruntime-step export, TensorRT engines) go to a folder of this
+# test session, never to the user's ~/.cache/dbae (servers started by the tests inherit it).
+if "DBAE_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["DBAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="dbae-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DBAE_CACHE_DIR"], ignore_errors=True)
+
 import pytest
 
 from dbae.config import get_preset

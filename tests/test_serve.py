@@ -60,7 +60,7 @@ def studio(loaded, trained_tiny):
     """The studio of the shared tiny run, with the classifier it fits itself (shapes). It
     sets torch's CPU threads (dbae serve --threads): restored for the tests after these."""
     threads = torch.get_num_threads()
-    s = make_studio(loaded, ckpt=str(trained_tiny), steps=STEPS, log=lambda line: None)
+    s = make_studio(loaded, ckpt=str(trained_tiny), runner="eager", steps=STEPS, log=lambda line: None)
     yield s
     s.renderer.close()
     torch.set_num_threads(threads)

@@ -22,7 +22,8 @@ DEFAULT_MAX_UPLOAD_MB = DEFAULT_MAX_UPLOAD_BYTES / 1e6
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(p)
     p.add_argument("--runner", choices=["auto", *KINDS], default="auto",
-                   help="runner of every encode and decode (default auto: eager on the CPU, cuda-graph on a GPU)")
+                   help="runner of every encode and decode (default auto: on the CPU onnxruntime-step where onnx and "
+                        "onnxruntime are installed, else eager; cuda-graph on a GPU)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                    help="the runner's precision (default fp32 on the CPU, bf16 on CUDA)")
     p.add_argument("--steps", type=int, default=4,

@@ -33,6 +33,7 @@ call, ``rows`` / ``jobs`` the size of its (last) call, ``calls`` how many calls 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -53,14 +54,29 @@ ENCODE, DECODE = "encode", "decode"
 GATHER_S = 0.002
 
 
-def resolve_runner_kind(kind: str, device: torch.device) -> str:
-    """``auto``: eager PyTorch on the CPU (every decode setting at once, no export step; the
-    onnxruntime runner decodes shapes16 about 3x faster on 2 cores, but exports the graph of
-    each new steps / sampler setting first, 1-8 s, during which nobody's frames come), the
-    CUDA-graph runner on a GPU; any other kind is returned as it is."""
+def resolve_runner_kind(kind: str, device: torch.device, precision: str | None = None) -> str:
+    """``auto``: on the CPU the ONNX Runtime step runner where onnx and onnxruntime import
+    (one U-Net graph, exported once per model into the cache and driven by the sampler, so
+    every steps / sampler setting is ready at once; see docs/benchmarks.md for its latency
+    against eager and the unrolled onnxruntime runner), eager PyTorch where they do not or
+    for a ``precision`` that ONNX Runtime cannot run (bf16); the CUDA-graph runner on a GPU.
+    Any other kind is returned as it is."""
     if kind != "auto":
         return kind
-    return "cuda-graph" if device.type == "cuda" else "eager"
+    if device.type == "cuda":
+        return "cuda-graph"
+    if precision not in (None, "fp32", "fp16"):
+        return "eager"
+    return "onnxruntime-step" if _onnxruntime_imports() else "eager"
+
+
+def _onnxruntime_imports() -> bool:
+    try:
+        for module in ("onnx", "onnxruntime"):
+            importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

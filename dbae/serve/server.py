@@ -91,8 +91,8 @@ def make_studio(
     else:
         note = how_to_make_a_classifier(ckpt)
         log(note)
-    kind = resolve_runner_kind(runner, device)
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    kind = resolve_runner_kind(runner, device, precision)
     threads_note = ""
     if device.type == "cpu":  # after fitting the classifier (with every core)
         torch.set_num_threads(threads or default_cpu_threads())
