@@ -299,6 +299,43 @@ def test_checkpoint_round_trip_and_resume(tmp_path) -> None:
     assert preset_from_dict(to_dict(preset)) == preset
 
 
+def test_diffae_trains_in_the_one_loop(tmp_path) -> None:
+    """DiffAE is an objective of dbae.training.Trainer: its runs get the loop's checkpoint
+    manifest and metrics log, and gradient accumulation gives each micro-batch its share of
+    the global batch's t and eps, so two micro-batches follow one batch's trajectory (up to
+    float rounding) while train_diffae reproduces the one-batch run bit for bit."""
+    from dbae.baselines.objective import BaselineObjective
+    from dbae.baselines.train import DIFFAE_FORMAT
+    from dbae.checkpoints.manifest import read_manifest
+    from dbae.training import TrainOptions, Trainer
+    from dbae.training.metrics_log import read_metrics
+
+    preset = diffae_preset("tiny8")
+    preset = dataclasses.replace(
+        preset, train=dataclasses.replace(preset.train, steps=2, log_every=1, ckpt_every=1, batch_size=8)
+    )
+    data = ShapesDataset(image_size=8, length=64, seed=1, split="train")
+
+    def run(name: str, accum: int) -> DiffAE:
+        torch.manual_seed(preset.train.seed)
+        model = DiffAE(preset.model)
+        objective = BaselineObjective("DiffAE", model, list(model.parameters()), DiffAE.loss, preset.train, data,
+                                      DIFFAE_FORMAT, preset)  # fmt: skip
+        Trainer(objective, TrainOptions(out=tmp_path / name, progress=False, eval_images=0, grad_accum=accum,
+                                        log=lambda m: None)).fit()  # fmt: skip
+        return model
+
+    one, two = run("one", 1), run("two", 2)
+    for (k, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4), k
+    ckpts = tmp_path / "one" / "checkpoints"
+    assert sorted(read_manifest(ckpts)) == ["step-00000001.safetensors", "step-00000002.safetensors"]
+    assert [r["step"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")] == [1, 2]
+    direct = train_diffae(preset, data, progress=False, log=lambda m: None)
+    for (k, a), b in zip(one.state_dict().items(), direct.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_checkpoint_errors(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no DiffAE checkpoint"):
         load_diffae(tmp_path / "missing.safetensors")

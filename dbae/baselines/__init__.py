@@ -3,7 +3,9 @@
 - :mod:`.ddim`: DDPM's discrete linear schedule, deterministic DDIM sampling and inversion.
 - :mod:`.diffae`: DiffAE (Preechakul et al. 2022): semantic encoder + z-conditioned eps U-Net.
 - :mod:`.config`: typed configs and presets mirroring :mod:`dbae.config`.
-- :mod:`.train`: a minimal seeded training loop with EMA and safetensors checkpoints.
+- :mod:`.objective`: DiffAE and PDAE's stages as objectives of the one training loop
+  (:class:`dbae.training.Trainer`); :mod:`.formats`: their checkpoint format.
+- :mod:`.train`: DiffAE's checkpoints and training.
 - :mod:`.pdae`, :mod:`.pdae_config`, :mod:`.pdae_train`: PDAE (Zhang et al. 2022): a frozen
   unconditional DDPM plus an encoder and a gradient estimator that shifts its eps; two-stage
   training.
@@ -20,14 +22,15 @@ from .ddim import DDIMResult, DDPMSchedule, ScheduleConfig, gaussian_eps
 from .diffae import DiffAE, Decoding, DiffAELoss, Inversion, Reconstruction, ZConditionedUNet
 from .pdae import PDAE, GradientUNet, PDAEDecoding, PDAEInversion, PDAELoss, PDAEReconstruction, UnconditionalUNet
 from .pdae_config import PDAE_PRESETS, PDAEConfig, PDAEPreset, pdae_preset
-from .pdae_train import PDAETrainResult, load_pdae, read_pdae_checkpoint, save_pdae, train_ddpm, train_pdae
-from .train import DiffAETrainResult, load_diffae, save_diffae, train_diffae
+from .objective import BaselineObjective, BaselineTrainResult
+from .pdae_train import load_pdae, read_pdae_checkpoint, save_pdae, train_ddpm, train_pdae
+from .train import load_diffae, save_diffae, train_diffae
 
 __all__ = [
     "DDIMResult", "DDPMSchedule", "DIFFAE_PRESETS", "Decoding", "DiffAE", "DiffAEConfig", "DiffAELoss",
-    "DiffAEPreset", "DiffAETrainConfig", "DiffAETrainResult", "Inversion", "Reconstruction",
+    "DiffAEPreset", "DiffAETrainConfig", "BaselineObjective", "BaselineTrainResult", "Inversion", "Reconstruction",
     "ScheduleConfig", "ZConditionedUNet", "diffae_preset", "gaussian_eps", "load_diffae", "save_diffae",
     "train_diffae", "PDAE", "GradientUNet", "PDAEDecoding", "PDAEInversion", "PDAELoss", "PDAEReconstruction",
-    "UnconditionalUNet", "PDAE_PRESETS", "PDAEConfig", "PDAEPreset", "pdae_preset", "PDAETrainResult", "load_pdae",
+    "UnconditionalUNet", "PDAE_PRESETS", "PDAEConfig", "PDAEPreset", "pdae_preset", "load_pdae",
     "read_pdae_checkpoint", "save_pdae", "train_ddpm", "train_pdae",
 ]

@@ -104,6 +104,17 @@ def check_steps(steps: int, timesteps: int, what: str = "DDIM steps") -> int:
     return steps
 
 
+class DiffusionNoise(NamedTuple):
+    """The draws of a batch's diffusion loss, made ahead of it (:meth:`DDPMSchedule.draw_noise`):
+    t (B,) and eps (B, C, H, W). Rows belong to samples: a slice is a micro-batch's share."""
+
+    t: Tensor
+    eps: Tensor
+
+    def slice(self, start: int, stop: int) -> "DiffusionNoise":
+        return DiffusionNoise(self.t[start:stop], self.eps[start:stop])
+
+
 class DDPMSchedule:
     """The discrete schedule of one :class:`ScheduleConfig` and its DDIM sampler/inverter."""
 
@@ -127,6 +138,13 @@ class DDPMSchedule:
     ) -> Tensor:
         """``n`` timesteps uniform on {0, ..., T-1} (DiffAE's ``UniformSampler``), torch.long."""
         return torch.randint(0, self.timesteps, (n,), generator=generator, device=device)
+
+    def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None,
+                   dtype: torch.dtype = torch.float32) -> DiffusionNoise:  # fmt: skip
+        """t (:meth:`sample_t`) then eps ~ N(0, I) of ``shape`` (B, C, H, W) from ``generator``:
+        the draws of the baselines' losses, in their order."""
+        t = self.sample_t(shape[0], generator=generator, device=device)
+        return DiffusionNoise(t, torch.randn(shape, generator=generator, device=device, dtype=dtype))
 
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps for integer timesteps t (B,)."""

@@ -34,7 +34,7 @@ from torch import nn
 from ..nn import Encoder, ScoreUNet, count_parameters
 from ..config import UNetConfig
 from .config import DiffAEConfig
-from .ddim import DDPMSchedule
+from .ddim import DDPMSchedule, DiffusionNoise
 from .ddim_autoencoder import DDIMAutoencoder
 
 Tensor = torch.Tensor
@@ -114,13 +114,16 @@ class DiffAE(DDIMAutoencoder):
         return self.eps(x_t, t, z)
 
     # ----- training -----
-    def loss(self, x0: Tensor, generator: torch.Generator | None = None) -> DiffAELoss:
+    def loss(self, x0: Tensor, generator: torch.Generator | None = None, noise: DiffusionNoise | None = None
+             ) -> DiffAELoss:  # fmt: skip
         """DDPM's simple loss ``mean ||eps_theta(x_t, t, Enc(x0)) - eps||^2`` with
-        ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)`` from ``generator`` (1 NFE)."""
+        ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)`` from ``generator`` (or ``noise``, drawn
+        ahead: :meth:`DDPMSchedule.draw_noise`) (1 NFE)."""
         self.check_images(x0)
         z = self.encode(x0)
-        t = self.schedule.sample_t(x0.shape[0], generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if noise is None:
+            noise = self.schedule.draw_noise(x0.shape, generator, x0.device, x0.dtype)
+        t, noise = noise
         x_t = self.schedule.q_sample(x0, t, noise)
         err = self.eps(x_t, t, z).float() - noise.float()
         loss = err.square().mean()

@@ -62,7 +62,7 @@ from torch import nn
 from ..config import UNetConfig
 from ..errors import ConfigError
 from ..nn import Encoder, ScoreUNet, count_parameters
-from .ddim import DDPMSchedule
+from .ddim import DDPMSchedule, DiffusionNoise
 from .ddim_autoencoder import DDIMAutoencoder
 from .diffae import _time_dtype
 from .pdae_nets import ConvEncoder, ShiftBranch
@@ -236,27 +236,31 @@ class PDAE(DDIMAutoencoder):
         return self.shifted_eps(x_t, t, z)
 
     # ----- training -----
-    def _noisy(self, x0: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-        t = self.schedule.sample_t(x0.shape[0], generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return t, noise, self.schedule.q_sample(x0, t, noise)
+    def _noisy(self, x0: Tensor, generator: torch.Generator | None, noise: DiffusionNoise | None
+               ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        if noise is None:
+            noise = self.schedule.draw_noise(x0.shape, generator, x0.device, x0.dtype)
+        t, eps = noise
+        return t, eps, self.schedule.q_sample(x0, t, eps)
 
-    def ddpm_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> PDAELoss:
+    def ddpm_loss(self, x0: Tensor, generator: torch.Generator | None = None, noise: DiffusionNoise | None = None
+                  ) -> PDAELoss:  # fmt: skip
         """Stage 1, the plain DDPM: ``mean ||eps_theta(x_t, t) - eps||^2`` (1 eps_theta NFE)."""
         self.check_images(x0)
         if self._ddpm_frozen:
             raise ConfigError("the DDPM of this PDAE is frozen; train it before freeze_ddpm()")
-        t, noise, x_t = self._noisy(x0, generator)
+        t, noise, x_t = self._noisy(x0, generator, noise)
         loss = (self.eps_net(x_t, t).float() - noise.float()).square().mean()
         return PDAELoss(loss, {"loss": loss.detach()}, 1, 0)
 
-    def loss(self, x0: Tensor, generator: torch.Generator | None = None) -> PDAELoss:
+    def loss(self, x0: Tensor, generator: torch.Generator | None = None, noise: DiffusionNoise | None = None
+             ) -> PDAELoss:  # fmt: skip
         """Stage 2, PDAE's weighted loss (module docstring) with ``t ~ U{0..T-1}`` and
-        ``eps ~ N(0, I)`` from ``generator``. eps_theta runs without gradients (frozen);
+        ``eps ~ N(0, I)`` from ``generator`` (or ``noise``, drawn ahead). eps_theta runs without gradients (frozen);
         gradients reach only the encoder and G. One eps_theta and one G_psi evaluation."""
         self.check_images(x0)
         z = self.encode(x0)
-        t, noise, x_t = self._noisy(x0, generator)
+        t, noise, x_t = self._noisy(x0, generator, noise)
         eps, grad = self.eps_and_gradient(x_t, t, z, frozen_eps=True)
         eps, grad = eps.float(), grad.float()
         pred = eps - self.coef(t, "train", grad) * grad

@@ -5,7 +5,9 @@ DiffAE, run directory ``<out>``:
 - ``checkpoints/step-XXXXXXXX.safetensors``: :func:`.train.save_diffae` files (every
   ``ckpt_every`` steps and at the end);
 - ``config.json``: the typed preset and the data set;
-- ``metrics.jsonl``: one ``{"step", "loss"}`` line per log window (appended on resume);
+- ``metrics.jsonl``: one line per log window, as :class:`dbae.training.Trainer` writes them
+  (``step``, ``loss`` and the other logged terms; cut back to the checkpoint on resume);
+- ``checkpoints/manifest.json``: the sha256 of each checkpoint (:mod:`dbae.checkpoints.manifest`);
 - ``eval.json``: reconstruction of held-out images by the EMA model, with the DDIM-inverted
   x_T and with a random x_T (:mod:`.reconstruction`).
 
@@ -17,7 +19,9 @@ PDAE checkpoint's eps network (a stage-1 file or run, or a finished PDAE).
 
 Resume (``resume=True``): continue from the newest intact checkpoint of the stage in
 progress (an interrupted stage 1, a finished stage 1 then stage 2, or stage 2), exactly as
-an uninterrupted run (the loops seed every step); with no checkpoint a new run starts.
+an uninterrupted run (:class:`dbae.training.Trainer` seeds every step); with no checkpoint a
+new run starts. SIGTERM or a first Ctrl-C stops a stage gracefully after its current step, with
+a checkpoint to resume from (the run ends there: no later stage, no evaluation).
 Without it a directory that already holds checkpoints is refused, and a directory holding
 another method's run is always refused.
 """
@@ -42,9 +46,9 @@ from .config import DiffAEPreset
 from .ddim_autoencoder import DDIMAutoencoder
 from .pdae import PDAE
 from .pdae_config import PDAEPreset
-from .pdae_train import read_pdae_checkpoint, train_ddpm, train_pdae
+from .pdae_train import PDAE_FORMAT, read_pdae_checkpoint, train_ddpm, train_pdae
 from .reconstruction import reconstruct_baseline
-from .train import read_diffae_checkpoint, train_diffae
+from .train import train_diffae
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class RunResult:
     losses: list[tuple[int, float]]
     seconds: float
     eval: dict[str, dict[str, float]] | None
+    #: the signal that stopped the run before its last step, if any
+    stopped_by: int | None = None
 
 
 # ----- run directories -----
@@ -97,16 +103,9 @@ def _refuse_existing(out: Path, places: list[Path]) -> None:
                               "pass --resume auto to continue it, or choose another --out")
 
 
-def _write_config(out: Path, preset: Any, options: RunOptions, **extra: Any) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    data = {"preset": to_dict(preset), "dataset": options.dataset, **extra}
-    atomic_write_text(out / "config.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _append_losses(out: Path, losses: list[tuple[int, float]]) -> None:
-    if losses:
-        with open(out / "metrics.jsonl", "a") as fh:
-            fh.writelines(json.dumps({"step": s, "loss": v}) + "\n" for s, v in losses)
+def _config(preset: Any, options: RunOptions, **extra: Any) -> dict[str, Any]:
+    """A stage's ``config.json``: its preset, data set, method (and stage)."""
+    return {"preset": to_dict(preset), "dataset": options.dataset, **extra}
 
 
 # ----- evaluation -----
@@ -144,31 +143,19 @@ def _finish(out: Path, model: DDIMAutoencoder, step: int, options: RunOptions, s
 # ----- DiffAE -----
 def run_diffae(preset: DiffAEPreset, options: RunOptions) -> RunResult:
     """Train (or resume) a DiffAE run in ``options.out`` (module docstring)."""
-    out, log = Path(options.out), options.log
+    out = Path(options.out)
     check_run_method(out, "diffae")
-    ckpt_dir = out / "checkpoints"
-    resume = None
-    if options.resume:
-        resume = latest_valid_checkpoint(ckpt_dir, log, check=read_diffae_checkpoint)
-        log(f"no checkpoint in {ckpt_dir}: starting a new run" if resume is None else f"resuming from {resume}")
-    else:
-        _refuse_existing(out, [ckpt_dir])
-    device = resolve_device(options.device)
     data = build_dataset(options.dataset, preset.model.image_size, seed=preset.train.seed, split="train")
-    _write_config(out, preset, options, method="diffae")
-    result = train_diffae(preset, data, out=out, resume=resume, device=device, progress=options.progress, log=log)
-    _append_losses(out, result.losses)
+    result = train_diffae(preset, data, out=out, resume=options.resume, config=_config(preset, options, method="diffae"),
+                          device=resolve_device(options.device), progress=options.progress, log=options.log)
     assert result.path is not None  # an output directory always gets a final checkpoint
-    stats = _finish(out, result.ema, result.step, options, preset.train.seed, preset.model.image_size)
+    stats = None if result.stopped_by else _finish(out, result.ema, result.step, options, preset.train.seed,
+                                                   preset.model.image_size)  # fmt: skip
     return RunResult("diffae", out, result.step, result.path, {"diffae": result.path}, result.losses,
-                     result.seconds, stats)
+                     result.seconds, stats, result.stopped_by)
 
 
 # ----- PDAE -----
-def _stage_of(path: Path) -> str:
-    return read_pdae_checkpoint(path).stage
-
-
 def _pretrained(path: str | Path, preset: PDAEPreset) -> Path:
     """The PDAE checkpoint (file or run directory) whose eps network stage 2 starts from."""
     try:
@@ -194,20 +181,13 @@ def run_pdae(preset: PDAEPreset, options: RunOptions, ddpm_ckpt: str | Path | No
     ddpm_dir, ckpt_dir = out / "ddpm", out / "checkpoints"
     seed, size = preset.train.seed, preset.model.image_size
 
-    def read_stage(stage: str) -> Callable[[Path], Any]:
-        def read(path: Path) -> None:
-            found = _stage_of(path)
-            if found != stage:
-                raise CheckpointError(f"it is a stage-{found!r} checkpoint, not stage {stage!r}")
-        return read
-
     resume2 = None
     if options.resume:
-        resume2 = latest_valid_checkpoint(ckpt_dir, log, check=read_stage("pdae"))
+        resume2 = latest_valid_checkpoint(ckpt_dir, log, check=lambda path: PDAE_FORMAT.check(path, "pdae"))
     else:
         _refuse_existing(out, [ckpt_dir, ddpm_dir / "checkpoints"])
     pretrained_path = _pretrained(ddpm_ckpt, preset) if ddpm_ckpt is not None else None
-    device = resolve_device(options.device)
+    common = dict(device=resolve_device(options.device), progress=options.progress, log=log)
     data = build_dataset(options.dataset, size, seed=seed, split="train")
     stages: dict[str, Path] = {}
     pretrained: PDAE | Path
@@ -218,26 +198,23 @@ def run_pdae(preset: PDAEPreset, options: RunOptions, ddpm_ckpt: str | Path | No
         log(f"stage 1 (DDPM) from {pretrained_path}")
         pretrained = stages["ddpm"] = pretrained_path
     else:
-        resume1 = None
-        if options.resume:
-            resume1 = latest_valid_checkpoint(ddpm_dir / "checkpoints", log, check=read_stage("ddpm"))
-            log("starting a new run" if resume1 is None else f"resuming stage 1 from {resume1}")
-        _write_config(ddpm_dir, preset, options, method="pdae", stage="ddpm")
-        first = train_ddpm(preset, data, out=ddpm_dir, resume=resume1, device=device, progress=options.progress,
-                           log=log)
-        _append_losses(ddpm_dir, first.losses)
+        first = train_ddpm(preset, data, out=ddpm_dir, resume=options.resume,
+                           config=_config(preset, options, method="pdae", stage="ddpm"), **common)  # fmt: skip
         assert first.path is not None
         stages["ddpm"] = first.path
+        if first.stopped_by:
+            return RunResult("pdae", out, first.step, first.path, stages, first.losses, first.seconds, None,
+                             first.stopped_by)  # fmt: skip
         pretrained = first.ema
-    if resume2 is None:  # a resumed stage 2 keeps the config.json that names its stage 1
-        _write_config(out, preset, options, method="pdae", stage="pdae", ddpm=str(stages["ddpm"]))
-    second = train_pdae(preset, data, pretrained, out=out, resume=resume2, device=device,
-                        progress=options.progress, log=log)  # fmt: skip
-    _append_losses(out, second.losses)
+    # a resumed stage 2 keeps the config.json that names its stage 1
+    config = None if resume2 is not None else _config(preset, options, method="pdae", stage="pdae",
+                                                      ddpm=str(stages["ddpm"]))  # fmt: skip
+    second = train_pdae(preset, data, pretrained, out=out, resume=resume2, config=config, **common)
     assert second.path is not None
     stages["pdae"] = second.path
-    stats = _finish(out, second.ema, second.step, options, seed, size)
-    return RunResult("pdae", out, second.step, second.path, stages, second.losses, second.seconds, stats)
+    stats = None if second.stopped_by else _finish(out, second.ema, second.step, options, seed, size)
+    return RunResult("pdae", out, second.step, second.path, stages, second.losses, second.seconds, stats,
+                     second.stopped_by)
 
 
 __all__ = ["RunOptions", "RunResult", "check_run_method", "held_out_images", "post_training_eval", "run_diffae",

@@ -45,15 +45,20 @@ _NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
 
 @dataclass
 class Checkpoint:
+    """A training checkpoint of any method, read and checked (:func:`read_weights_file`)."""
+
     path: Path
-    preset: Preset
+    #: the method's typed preset (:class:`Preset` for DBAE)
+    preset: Any
     step: int
     model: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
     optim: dict[str, Any] | None
-    scaler: dict[str, Any] | None
+    scaler: dict[str, Any] | None = None
     #: the file's string metadata
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the training stage of a method that trains in stages (PDAE's ``ddpm`` or ``pdae``)
+    stage: str | None = None
 
 
 def checkpoint_name(step: int) -> str:
@@ -89,11 +94,13 @@ def write_weights_file(
     ema: dict[str, torch.Tensor],
     optim: dict[str, Any] | None = None,
     before_replace: Callable[[str], None] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a safetensors file atomically: tensors ``model.*``, ``ema.*`` and the optimizer's
-    ``optim.<i>.<key>`` (its non-tensor state as JSON in metadata ``optim``), plus ``metadata``.
+    ``optim.<i>.<key>`` (its non-tensor state as JSON in metadata ``optim``), plus ``metadata``
+    (and ``tensors``, more tensors under their own names, e.g. the prior's latent statistics).
     The layout of every training checkpoint of the package (read back by :func:`split_weights`)."""
-    tensors = {f"model.{k}": v for k, v in model.items()}
+    tensors = {**(tensors or {}), **{f"model.{k}": v for k, v in model.items()}}
     tensors.update({f"ema.{k}": v for k, v in ema.items()})
     metadata = dict(metadata)
     if optim is not None:
@@ -117,6 +124,36 @@ def split_weights(
         groups[head][rest if head != "optim" else name] = value
     optim = _unflatten_optimizer(groups["optim"], optim_meta) if optim_meta is not None else None
     return groups["model"], groups["ema"], optim
+
+
+def read_weights_file(path: str | Path, file_format: str, what: str, preset: Callable[[dict[str, Any]], Any], *,
+                      with_optimizer: bool = True) -> Checkpoint:  # fmt: skip
+    """Read and check a training checkpoint of ``file_format`` (:func:`write_weights_file`'s
+    layout; ``what`` names it in messages, e.g. "DiffAE checkpoint"): ``preset(dict)`` makes
+    the typed preset of its metadata ``preset`` (may raise KeyError, ValueError or
+    ConfigError). CheckpointError for a missing, corrupt or foreign file, or unreadable metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no {what} at {path}")
+    meta, tensors = read_tagged_safetensors(path, file_format, what)
+    try:
+        typed = preset(json.loads(meta["preset"]))
+        step = int(meta["step"])
+        optim_meta = json.loads(meta["optim"]) if with_optimizer and "optim" in meta else None
+        scaler = json.loads(meta["scaler"]) if "scaler" in meta else None
+    except (KeyError, ValueError, ConfigError) as exc:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} has unreadable metadata ({exc})") from None
+    model, ema, optim = split_weights(path, tensors, optim_meta)
+    return Checkpoint(path, typed, step, model, ema, optim, scaler, meta)
+
+
+def load_weights(module: torch.nn.Module, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor], ema_wanted: bool,
+                 what: str, source: Path) -> torch.nn.Module:  # fmt: skip
+    """Load a checkpoint's EMA weights into ``module`` (its raw ``model`` weights unless
+    ``ema_wanted`` and the file has EMA weights), checked by :func:`load_state_strict`."""
+    weights = ema if ema_wanted and ema else model
+    load_state_strict(module, weights, f"{what} EMA" if weights is ema else what, source)
+    return module
 
 
 def save_checkpoint(
@@ -172,18 +209,8 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 def load_checkpoint(path: Path, *, with_optimizer: bool = True) -> Checkpoint:
     """A DBAE checkpoint, after every check of :func:`dbae.checkpoints.integrity.read_safetensors`."""
-    path = Path(path)
-    read_metadata(path)  # another kind of file is named as such before it is read in full
-    meta, tensors = read_safetensors(path)
-    try:
-        preset = preset_from_dict(json.loads(meta["preset"]))
-        step = int(meta["step"])
-    except (KeyError, ValueError, ConfigError) as exc:
-        raise CheckpointError(f"{path} has unreadable metadata ({exc})") from None
-    optim_meta = json.loads(meta["optim"]) if with_optimizer and "optim" in meta else None
-    model, ema, optim = split_weights(path, tensors, optim_meta)
-    scaler = json.loads(meta["scaler"]) if "scaler" in meta else None
-    return Checkpoint(path, preset, step, model, ema, optim, scaler, meta)
+    read_metadata(Path(path))  # another kind of file is named as such before it is read in full
+    return read_weights_file(path, FORMAT, "dbae checkpoint", preset_from_dict, with_optimizer=with_optimizer)
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,10 @@ def _train_config(cfg: DiffAETrainConfig, args: argparse.Namespace, **fixed: Any
 
 
 def _print_result(result: RunResult, name: str) -> None:
+    if result.stopped_by is not None:
+        print(f"stopped by {signal.Signals(result.stopped_by).name} at step {result.step}; checkpoint "
+              f"{result.checkpoint}. Continue with the same command plus --resume auto")
+        return
     print(f"trained {result.method} {name} to step {result.step}: checkpoint {result.checkpoint}")
     if "ddpm" in result.stages:
         print(f"  {'stage 1':12} : {result.stages['ddpm']} (the frozen DDPM)")
@@ -126,4 +131,4 @@ def run(args: argparse.Namespace) -> int:
                                  train=_train_config(pp.train, args))  # fmt: skip
         result = run_pdae(pp, options, args.pdae_ddpm_ckpt)
     _print_result(result, args.preset)
-    return 0
+    return 0 if result.stopped_by is None else 128 + result.stopped_by

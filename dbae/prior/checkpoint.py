@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..checkpoints import atomic_write_text, load_state_strict, read_tagged_safetensors, write_safetensors
+from ..checkpoints import atomic_write_text, load_weights, read_tagged_safetensors, split_weights, write_weights_file
 from .config import PriorPreset, prior_from_dict, prior_to_dict
 from .ddim import LatentDiffusion
 from .identity import AutoencoderRef
@@ -63,10 +63,6 @@ def save_prior(
 ) -> Path:
     """Write ``path`` (safetensors) and ``path.with_suffix('.json')``, both atomically."""
     path = Path(path)
-    tensors = {f"model.{k}": v for k, v in model.items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.items()})
-    tensors["latent_mean"], tensors["latent_std"] = mean, std
-    tensors = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in tensors.items()}
     metadata = {
         "format": FORMAT,
         "preset": json.dumps(prior_to_dict(preset), sort_keys=True),
@@ -75,7 +71,7 @@ def save_prior(
         "autoencoder": json.dumps(autoencoder.to_dict(), sort_keys=True),
         "latents": json.dumps(latents, sort_keys=True),
     }
-    write_safetensors(path, tensors, metadata)
+    write_weights_file(path, metadata, model, ema, tensors={"latent_mean": mean.float(), "latent_std": std.float()})
     readable = {
         "format": FORMAT, "step": step, "z_dim": int(mean.shape[0]), "preset": prior_to_dict(preset),
         "autoencoder": autoencoder.to_dict(), "latents": latents, **(extra or {}),
@@ -133,15 +129,8 @@ def load_prior(path: str | Path, *, ema: bool = True, device: str | torch.device
         mean, std = tensors.pop("latent_mean"), tensors.pop("latent_std")
     except (KeyError, ValueError, ConfigError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} has unreadable metadata ({exc!r})") from None
-    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}}
-    for name, value in tensors.items():
-        head, _, rest = name.partition(".")
-        if head not in groups:
-            raise CheckpointError(f"{path} holds an unexpected tensor {name!r}")
-        groups[head][rest] = value
-    net = MLPSkipNet(preset.net, z_dim)
-    weights = groups["ema"] if ema and groups["ema"] else groups["model"]
-    load_state_strict(net, weights, "prior EMA" if weights is groups["ema"] else "prior", path)
+    model, ema_weights, _ = split_weights(path, tensors, None)
+    net = load_weights(MLPSkipNet(preset.net, z_dim), model, ema_weights, ema, "prior", path)
     if mean.shape != (z_dim,) or std.shape != (z_dim,):
         raise CheckpointError(f"{path}: latent statistics of shape {tuple(mean.shape)} for z_dim {z_dim}")
     return LoadedPrior(net.to(device).eval(), LatentDiffusion(preset.diffusion), preset, mean, std, autoencoder,

@@ -11,6 +11,7 @@ at the end; the loss is logged to ``<out>/metrics.jsonl``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from ..errors import ConfigError, TrainingDiverged
 from ..training.batches import step_seed
 from ..training.ema import EMA
-from ..training.metrics_log import MetricsLog
+from ..training.metrics_log import LossWindow, MetricsLog
 from .checkpoint import FILE_NAME, save_prior
 from .config import PriorPreset
 from .ddim import LatentDiffusion
@@ -88,9 +89,7 @@ def train_prior(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, desc="train prior", unit="step", dynamic_ncols=True)
-    losses: list[tuple[int, float]] = []
-    window = torch.zeros((), device=device)
-    window_n = 0
+    window = LossWindow(device)
     start = time.perf_counter()
     net.train()
     try:
@@ -105,29 +104,23 @@ def train_prior(
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             optimizer.step()
             ema.update(net)
-            window += loss.detach()
-            window_n += 1
+            window.add(loss)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = float(window) / window_n
-                if not torch.isfinite(torch.tensor(mean_loss)):
-                    raise TrainingDiverged(
-                        f"the prior loss became {mean_loss} by step {step}; lower the learning rate"
-                    )
-                losses.append((step, mean_loss))
+                mean_loss = window.close(step)
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(f"the prior loss became {mean_loss} by step {step}; lower the learning rate")
                 metrics.write({"step": step, "loss": mean_loss})
-                window.zero_()
-                window_n = 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
             if bar is not None:
                 bar.update(1)
             if step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save(step, losses)
+                save(step, window.means)
     finally:
         if bar is not None:
             bar.close()
         metrics.close()
-    path = save(cfg.steps, losses)
+    path = save(cfg.steps, window.means)
     seconds = time.perf_counter() - start
-    log(f"prior trained for {cfg.steps} steps in {seconds:.1f} s; last loss {losses[-1][1]:.4f}: {path}")
-    return PriorTrainResult(path, cfg.steps, losses, seconds)
+    log(f"prior trained for {cfg.steps} steps in {seconds:.1f} s; last loss {window.means[-1][1]:.4f}: {path}")
+    return PriorTrainResult(path, cfg.steps, window.means, seconds)

@@ -26,45 +26,49 @@ from ..checkpoints import (
     list_checkpoints,
     read_metadata,
     remove_partial_files,
-    save_checkpoint,
     verify_checkpoint,
 )
+
+#: writes one checkpoint file: ``write(path, step, before_replace, extra_metadata)``
+Writer = Callable[[Path, int, Callable[[str], None], "dict[str, str] | None"], Path]
 
 BEST = "best.safetensors"
 BEST_METRIC = "eval_mse"
 
 
 class CheckpointKeeper:
-    def __init__(self, directory: Path, keep_last: int, log: Callable[[str], None] = print) -> None:
+    def __init__(self, directory: Path, keep_last: int | None, log: Callable[[str], None] = print,
+                 check: Callable[[Path], Any] = verify_checkpoint) -> None:  # fmt: skip
+        """``keep_last`` None keeps every periodic checkpoint; ``check`` raises CheckpointError
+        unless a file is an intact checkpoint of the run's kind."""
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.log = log
+        self.check = check
         self.best: float | None = None
 
     # ----- writing -----
-    def _write(self, name: str, step: int, state: dict[str, Any], extra: dict[str, str] | None = None) -> Path:
+    def _write(self, name: str, step: int, write: Writer, extra: dict[str, str] | None = None) -> Path:
         path = self.directory / name
-        save_checkpoint(
-            path, step=step, extra=extra, **state,
-            before_replace=lambda tmp: manifest.record(self.directory, name, tmp, step),
-        )
+        write(path, step, lambda tmp: manifest.record(self.directory, name, tmp, step), extra)
         return path
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write the checkpoint of ``step`` (``state``: the keyword arguments of
-        :func:`save_checkpoint` but ``step``), then delete all but the newest ``keep_last``."""
-        path = self._write(checkpoint_name(step), step, state)
+    def save(self, step: int, write: Writer) -> Path:
+        """Write the checkpoint of ``step`` with ``write``, then delete all but the newest ``keep_last``."""
+        path = self._write(checkpoint_name(step), step, write)
+        if self.keep_last is None:
+            return path
         old = list_checkpoints(self.directory)[: -self.keep_last]
         for _, p in old:
             p.unlink(missing_ok=True)
         manifest.forget(self.directory, [p.name for _, p in old])
         return path
 
-    def offer_best(self, step: int, value: float, state: dict[str, Any]) -> bool:
+    def offer_best(self, step: int, value: float, write: Writer) -> bool:
         """Write ``best.safetensors`` when ``value`` (lower is better) beats the best so far."""
         if not math.isfinite(value) or (self.best is not None and value >= self.best):
             return False
-        self._write(BEST, step, state, {"best_metric": BEST_METRIC, "best_value": repr(float(value))})
+        self._write(BEST, step, write, {"best_metric": BEST_METRIC, "best_value": repr(float(value))})
         self.best = float(value)
         return True
 
@@ -79,7 +83,7 @@ class CheckpointKeeper:
         for p in remove_partial_files(self.directory):
             self.log(f"removed {p.name}, a file left half-written by an interrupted save")
         found = self.existing()
-        path = latest_valid_checkpoint(self.directory, warn=self.log)
+        path = latest_valid_checkpoint(self.directory, warn=self.log, check=self.check)
         if path is None and found:
             raise CheckpointError(
                 f"none of the {len(found)} checkpoint(s) in {self.directory} is intact; "
@@ -93,7 +97,7 @@ class CheckpointKeeper:
         if not path.exists():
             return None
         try:
-            verify_checkpoint(path)
+            self.check(path)
             return float(read_metadata(path)["best_value"])
         except (CheckpointError, KeyError, ValueError) as exc:
             self.log(f"warning: ignoring {BEST}: {exc}; it is replaced at the next evaluation")

@@ -1,4 +1,5 @@
-"""Append-only JSON-lines metrics log (one object per line, flushed after each write)."""
+"""Append-only JSON-lines metrics log (one object per line, flushed after each write), and the
+mean loss of each log window."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def _clean(value: Any) -> Any:
@@ -43,3 +46,25 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class LossWindow:
+    """The mean loss over each log window: summed on the device step by step (no wait for
+    it), read once per window; ``means`` holds (step, mean) of every closed window."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.total = torch.zeros((), device=device)
+        self.count = 0
+        self.means: list[tuple[int, float]] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach()
+        self.count += 1
+
+    def close(self, step: int) -> float:
+        """The mean of the window that ends at ``step``; starts the next one."""
+        mean = float(self.total) / max(self.count, 1)
+        self.means.append((step, mean))
+        self.total.zero_()
+        self.count = 0
+        return mean
