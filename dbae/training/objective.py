@@ -9,7 +9,7 @@ and the loss of a step, its checkpoint format, and an optional evaluation for th
 image grid and the best checkpoint.
 
 DBAE's objective is :class:`dbae.training.dbae_objective.DBAEObjective`; DiffAE's and the
-two PDAE stages' live in :mod:`dbae.baselines.objectives`.
+two PDAE stages' live in :mod:`dbae.baselines.objective`.
 """
 
 from __future__ import annotations
