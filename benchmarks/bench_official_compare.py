@@ -161,6 +161,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "data" / "official_compare_ffhq128_cpu.json")
     args = p.parse_args()
     device = torch.device(args.device)
+    meta = machine()  # (its load average: before the imports and timings)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         files = {"dbae": tmp / "ema_0.9999_1020000.pt", "diffae": tmp / "last.ckpt", "pdae": tmp / "checkpoint.pt"}
@@ -172,7 +173,7 @@ def main() -> int:
             print(f"dbae import ({m}, {files[m].stat().st_size / 2**20:.0f} MiB): {s:.1f} s", flush=True)
         rows = measure(runs, device, args.dbae_nfe, args.warmup, args.runs, args.measured_steps)
         sizes = {m: files[m].stat().st_size for m in files}
-    result = {**machine(), "device": str(device), "threads": torch.get_num_threads(), "batch": 1, "runs": args.runs,
+    result = {**meta, "device": str(device), "threads": torch.get_num_threads(), "batch": 1, "runs": args.runs,
               "warmup": args.warmup, "measured_steps": args.measured_steps, "load_average_after": os.getloadavg(),
               "built": built, "file_bytes": sizes, "import_seconds": imports, "rows": rows,
               "authors_settings": {"dbae": f"one encoder pass, one decoder pass, {args.dbae_nfe} NFE",
