@@ -13,11 +13,13 @@ import re
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from dbae.data import ShapesDataset
 from dbae.imageio import to_uint8
 from dbae.serve.launch import serve_process
+from dbae.serve.render import resolve_runner_kind
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -83,7 +85,7 @@ def drag(page, selector: str, to_fraction: float) -> None:
 
 def test_upload_edit_and_readout_in_chromium(page, server, tmp_path):
     info = page.inner_text("#model-info")
-    assert "tiny16" in info and "eager" in info
+    assert "tiny16" in info and f"runner {resolve_runner_kind('auto', torch.device('cpu'))} " in info
     sliders = page.locator(".attr-slider")
     assert sliders.count() > 5  # the shapes classifier the server fitted: one slider per attribute
 
@@ -129,7 +131,7 @@ def test_bad_upload_is_one_message_and_the_page_keeps_working(page, tmp_path):
     bad.write_text("not an image")
     page.set_input_files("#file-a", str(bad))
     page.wait_for_selector("#toast:not(.hidden)")
-    assert "not a readable image" in page.inner_text("#toast")
+    assert "not a PNG, JPEG or WebP image" in page.inner_text("#toast")
     assert "connected" in page.inner_text("#status")
     page.set_input_files("#file-a", shapes_png(tmp_path / "a.png", 2, 16))
     page.wait_for_selector("#img-edit[data-seq]", timeout=30_000)
