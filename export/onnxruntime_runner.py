@@ -86,6 +86,20 @@ def resolve_setting(manifest: Manifest, precision: str, setting: DecodeSetting |
     return DecodeSetting(steps, sampler)
 
 
+def session_options(ort: Any, threads: int | None) -> Any:
+    """ONNX Runtime session options of the runners: errors only, ``threads`` intra-op threads
+    (None: its default), and no busy-waiting of idle intra-op threads: each session owns a
+    pool and an edit runs them one right after the other, so spinning threads of one pool
+    would take the cores from the next (an edit then cost 1.6x encode + decode)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
 class _Session:
     """One graph's inference session, fed NumPy views of CPU tensors or bound to torch tensors."""
 
@@ -164,15 +178,7 @@ class OnnxRuntimeRunner(Runner):
         super().__init__((c, h, w), manifest.z_dim, setting, device)
         self.name = f"onnxruntime-{provider}"
         self.manifest, self.provider, self.precision = manifest, provider, precision
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        # No busy-waiting of idle intra-op threads: the encoder's and the decoder's sessions
-        # each own a pool, and an edit runs one right after the other; spinning threads of one
-        # pool would take the cores from the other (an edit then cost 1.6x encode + decode).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        options = session_options(ort, threads)
         self._encoder = _Session(ort, export_dir / encoder.file, encoder, provider, device, options, io_binding)
         self._decoder = _Session(ort, export_dir / decoder.file, decoder, provider, device, options, io_binding)
 

@@ -45,7 +45,7 @@ from dbae.model import DBAE
 from dbae.sampling import BridgeSampler
 
 from .manifest import GraphInfo, Manifest, read_manifest
-from .onnxruntime_runner import check_precision, require_onnxruntime
+from .onnxruntime_runner import check_precision, require_onnxruntime, session_options
 from .runner import DecodeSetting, Runner
 
 Tensor = torch.Tensor
@@ -192,14 +192,7 @@ class StepGraphs:
     def __init__(self, model: DBAE, folder: Path, manifest: Manifest, precision: str, *,
                  threads: int | None = None) -> None:  # fmt: skip
         ort = require_onnxruntime()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        # no busy-waiting of idle intra-op threads: three sessions own a pool each and run one
-        # right after the other (see OnnxRuntimeRunner)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        options = session_options(ort, threads)
         graphs = {kind: _Graph(ort, folder / manifest.graph(kind, precision).file, manifest.graph(kind, precision), options)
                   for kind in STEP_KINDS}  # fmt: skip
         self.encoder = graphs["encoder"]
