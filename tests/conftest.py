@@ -83,6 +83,19 @@ def trained_shapes(tmp_path_factory) -> Path:
 
 
 #: data made with the DBAE authors' code (see tests/fixtures/official_dbae/README.md)
+def perturbed_tiny16(seed: int):
+    """tiny16 with random weights (``seed``), perturbed so that no zero-initialised layer hides
+    a mistake; in eval mode."""
+    from dbae.model import DBAE
+
+    torch.manual_seed(seed)
+    m = DBAE(get_preset("tiny16").model).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
 OFFICIAL_DBAE = Path(__file__).parent / "fixtures" / "official_dbae"
 #: the tiny fixtures' U-Net attention heads: 16 channels (the released models': 64)
 OFFICIAL_TINY_HEAD_CHANNELS = 16

@@ -29,6 +29,7 @@ ort = pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 
+from conftest import perturbed_tiny16  # noqa: E402
 from dbae.cli.main import main  # noqa: E402
 from dbae.config import get_preset  # noqa: E402
 from dbae.errors import ConfigError, DataError  # noqa: E402
@@ -61,13 +62,7 @@ def _max_err(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def model() -> DBAE:
-    """tiny16 with random weights, perturbed so that no zero-initialised layer hides a mistake."""
-    torch.manual_seed(0)
-    m = DBAE(get_preset("tiny16").model).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
+    return perturbed_tiny16(0)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from conftest import perturbed_tiny16  # noqa: E402
 from dbae.config import get_preset  # noqa: E402
 from dbae.errors import ConfigError  # noqa: E402
 from dbae.export import onnx_export, registry  # noqa: E402
@@ -45,19 +46,9 @@ def _max_err(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
-def _perturbed(seed: int) -> DBAE:
-    """tiny16 with random weights, perturbed so that no zero-initialised layer hides a mistake."""
-    torch.manual_seed(seed)
-    m = DBAE(get_preset("tiny16").model).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
-
-
 @pytest.fixture(scope="module")
 def model() -> DBAE:
-    return _perturbed(0)
+    return perturbed_tiny16(0)
 
 
 @pytest.fixture
@@ -131,7 +122,7 @@ def test_the_cache_is_reused_and_keyed_by_the_model(model, tmp_path, exports):
     step_factory(model, "fp32", cache_dir=tmp_path, threads=1)
     assert len(exports) == 1
     # other weights: another folder; the first one stays
-    other = _perturbed(1)
+    other = perturbed_tiny16(1)
     other_folder, _, exported = ensure_step_export(other, "fp32", cache_dir=tmp_path)
     assert exported and other_folder != folder and other_folder.parent.name == model_sha256(other)
     assert model_sha256(other) != model_sha256(model) and read_manifest(folder)

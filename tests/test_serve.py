@@ -691,14 +691,16 @@ def test_memory_stays_flat_over_many_connect_upload_disconnect_cycles(client, st
 
 # ----- 9. one runner for every connection, batching the decodes that wait together -----
 def _run_jobs(renderer: Renderer, jobs, cancel: tuple[int, ...] = ()):
+    """Run jobs (op, setting, x) or (op, setting, x, owner) submitted in that order, cancelling
+    those at indices ``cancel``; their Rendered results (a cancelled job's: its CancelledError)."""
     async def go():
         await renderer.start()
         try:
-            tasks = [asyncio.create_task(renderer.submit(op, setting, x)) for op, setting, x in jobs]
+            tasks = [asyncio.create_task(renderer.submit(*job)) for job in jobs]
             await asyncio.sleep(0)  # every job is queued, the dispatcher has not taken them yet
             for i in cancel:  # (their connections went away)
                 tasks[i].cancel()
-            return await asyncio.gather(*tasks, return_exceptions=True)
+            return await asyncio.gather(*tasks, return_exceptions=bool(cancel))
         finally:
             await renderer.stop()
 
@@ -766,18 +768,7 @@ def test_the_renderer_batches_jobs_waiting_together_into_one_runner_call(loaded,
 
 def _run_owned(renderer: Renderer, jobs):
     """Run (owner, op, setting, x) jobs submitted in that order; their Rendered results."""
-    async def go():
-        await renderer.start()
-        try:
-            tasks = [asyncio.create_task(renderer.submit(op, setting, x, owner=owner)) for owner, op, setting, x in jobs]
-            return await asyncio.gather(*tasks)
-        finally:
-            await renderer.stop()
-
-    try:
-        return asyncio.run(go())
-    finally:
-        renderer.close()
+    return _run_jobs(renderer, [(op, setting, x, owner) for owner, op, setting, x in jobs])
 
 
 def test_connections_are_served_round_robin_and_a_strip_costs_its_rows(loaded, studio, ref):
