@@ -46,7 +46,7 @@ from dbae.sampling import BridgeSampler
 
 from .manifest import GraphInfo, Manifest, read_manifest
 from .onnxruntime_runner import check_precision, require_onnxruntime, session_options
-from .runner import DecodeSetting, Runner
+from .runner import DecodeSetting, Runner, pause_point
 
 Tensor = torch.Tensor
 
@@ -151,13 +151,17 @@ class _Graph:
 
 
 class _GraphModule(nn.Module):
-    """A graph in the place of one of the model's networks (no parameters of its own)."""
+    """A graph in the place of one of the model's networks (no parameters of its own);
+    ``pauses``: a :func:`dbae.export.runner.pause_point` before each run (the U-Net's)."""
 
-    def __init__(self, graph: _Graph) -> None:
+    def __init__(self, graph: _Graph, pauses: bool = False) -> None:
         super().__init__()
         self.graph = graph
+        self.pauses = pauses
 
     def forward(self, *xs: Tensor) -> Tensor:
+        if self.pauses:
+            pause_point()
         return self.graph(*xs)
 
 
@@ -203,7 +207,7 @@ class StepGraphs:
         view._modules = dict(model._modules)  # copy.copy would share the dict of submodules
         view.encoder = None  # encodes run the encoder graph (the mean), never the torch encoder
         view.decoder = _GraphModule(graphs["endpoint"])
-        view.unet = _GraphModule(graphs["network"])
+        view.unet = _GraphModule(graphs["network"], pauses=True)
         view.sampling_bridge = _RememberingBridge(model.sampling_bridge)
         view.sampler = BridgeSampler(view.sampling_bridge)
         self.model = view.eval()
@@ -214,6 +218,7 @@ class OnnxStepRunner(Runner):
     endpoint and U-Net graphs (see the module docstring), at ``setting``."""
 
     name = "onnxruntime-step"
+    preemptible = True
 
     def __init__(self, graphs: StepGraphs, setting: DecodeSetting) -> None:
         super().__init__(graphs.image_shape, graphs.z_dim, setting, "cpu")

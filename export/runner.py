@@ -10,11 +10,20 @@ device: a runner moves them to its own and returns its outputs there (:attr:`dev
     runner.decode(z)                      -> images (x_T = Dec(z), then ``steps`` steps)
     runner.reconstruct(images)            -> decode(encode(images))
     runner.edit(images, direction, scale) -> decode(encode(images) + scale * direction)
+
+Pause points: a runner whose decode runs the network one evaluation at a time from Python
+(eager, onnxruntime-step: :attr:`Runner.preemptible`) calls :func:`pause_point` before each
+U-Net evaluation. Inside :func:`pausing`, a pause point calls the given hook in the same thread,
+which may run other, short work on the runners (``dbae serve`` runs a waiting edit there
+instead of after a whole strip, see :mod:`dbae.serve.render`); outside, it does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -49,11 +58,39 @@ class DecodeSetting:
         return nfe_for(self.steps, self.sampler, 0.0)
 
 
+_pause = threading.local()  # .hook: what pause_point calls in this thread (None: nothing)
+
+
+@contextlib.contextmanager
+def pausing(hook: Callable[[], None]) -> Iterator[None]:
+    """Inside, every :func:`pause_point` reached in this thread calls ``hook``; a pause point
+    reached by the work ``hook`` does is not paused again (no nesting)."""
+    before = getattr(_pause, "hook", None)
+    _pause.hook = hook
+    try:
+        yield
+    finally:
+        _pause.hook = before
+
+
+def pause_point() -> None:
+    """Where a decode may give way (see the module docstring)."""
+    hook = getattr(_pause, "hook", None)
+    if hook is not None:
+        _pause.hook = None
+        try:
+            hook()
+        finally:
+            _pause.hook = hook
+
+
 class Runner(ABC):
     """Base class: input checks and the composite methods; subclasses run encode and decode."""
 
     #: short name for tables ("eager", "cuda-graph", "onnxruntime-cpu", ...)
     name: str = "runner"
+    #: whether its decode reaches :func:`pause_point` before every U-Net evaluation
+    preemptible: bool = False
 
     def __init__(self, image_shape: tuple[int, int, int], z_dim: int, setting: DecodeSetting, device) -> None:
         self.image_shape = tuple(image_shape)

@@ -26,7 +26,7 @@ from dbae.errors import ConfigError
 from dbae.model import DBAE
 from dbae.nn.unet import ScoreUNet
 
-from .runner import DecodeSetting, Runner
+from .runner import DecodeSetting, Runner, pause_point
 
 Tensor = torch.Tensor
 
@@ -73,6 +73,18 @@ class CastNetwork(nn.Module):
 
     def forward(self, *args: Tensor):
         return self._out(self.net(*map(self._in, args)))
+
+
+class PausingNetwork(nn.Module):
+    """``net`` behind a :func:`dbae.export.runner.pause_point` (the eager runner's U-Net)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args: Tensor) -> Tensor:
+        pause_point()
+        return self.net(*args)
 
 
 NETWORKS = ("encoder", "decoder", "unet")
@@ -145,6 +157,7 @@ class EagerRunner(Runner):
     inductor times its own kernels against cuDNN's and cuBLAS's, many minutes more)."""
 
     name = "eager"
+    preemptible = True
 
     def __init__(
         self, model: DBAE, setting: DecodeSetting, *, precision: str = "fp32", compile: bool = False,
@@ -157,6 +170,8 @@ class EagerRunner(Runner):
         model.eval()
         self.model = inference_networks(model, precision, compile=compile, channels_last=channels_last,
                                         autocast=autocast, **options)  # fmt: skip
+        if self.preemptible:
+            self.model.unet = PausingNetwork(self.model.unet)
         self.precision = precision
         self.autocast = autocast
         self.name += "-compiled" * compile + "-nhwc" * channels_last + "-autocast" * (autocast and precision != "fp32")
@@ -229,6 +244,7 @@ class CUDAGraphRunner(EagerRunner):
     """The eager runner's work captured as CUDA graphs, one per operation and batch size."""
 
     name = "cuda-graph"
+    preemptible = False  # one graph replay per decode
 
     def __init__(
         self, model: DBAE, setting: DecodeSetting, *, precision: str = "bf16", compile: bool = False,

@@ -31,7 +31,7 @@ from dbae.export.onnxruntime_step import (  # noqa: E402
     step_cache_folder,
     step_factory,
 )
-from dbae.export.runner import DecodeSetting  # noqa: E402
+from dbae.export.runner import DecodeSetting, pausing  # noqa: E402
 from dbae.export.torch_runners import EagerRunner  # noqa: E402
 from dbae.model import DBAE  # noqa: E402
 from dbae.serve.render import Renderer, resolve_runner_kind  # noqa: E402
@@ -79,8 +79,11 @@ def test_every_setting_from_one_export_matches_eager(model, tmp_path, exports):
         z = runner.encode(images)
         assert _max_err(z, eager.encode(images)) < FP32_TOL
         evaluations.clear()
-        decoded = runner.decode(z)
+        pauses = []
+        with pausing(lambda: pauses.append(1)):
+            decoded = runner.decode(z)
         assert len(evaluations) == setting.nfe  # one graph call per network evaluation
+        assert runner.preemptible and len(pauses) == setting.nfe  # a pause point before each (dbae serve)
         hook.remove()
         assert decoded.shape == (3, 3, 16, 16) and float(decoded.abs().max()) <= 1.0
         assert _max_err(decoded, eager.decode(z)) < FP32_TOL, setting

@@ -13,7 +13,7 @@ from dbae.cli.main import main
 from dbae.config import get_preset
 from dbae.errors import ConfigError, DataError
 from dbae.export import latency
-from dbae.export.runner import DecodeSetting
+from dbae.export.runner import DecodeSetting, pause_point, pausing
 from dbae.export.torch_runners import CUDAGraphRunner, EagerRunner
 from dbae.model import DBAE
 
@@ -39,6 +39,22 @@ def test_eager_runner_is_the_model(model, sampler):
     assert want.steps == 3
     torch.testing.assert_close(runner.decode(z), want.images)
     torch.testing.assert_close(runner.reconstruct(x), want.images)
+    # a pause point before every U-Net evaluation, where other work may run (dbae serve's edits)
+    assert runner.preemptible and not CUDAGraphRunner.preemptible
+    paused, inner = [], []
+
+    def other_work():  # a whole decode of other latents, at each pause point
+        paused.append(1)
+        inner.append(runner.decode(-z[:1]))
+        pause_point()  # (the hook's own work is not paused again)
+
+    with pausing(other_work):
+        got = runner.decode(z)
+    torch.testing.assert_close(got, want.images)  # resumed where it stopped, unchanged
+    assert len(paused) == setting.nfe == len(inner)
+    torch.testing.assert_close(inner[0], model.decode(-z[:1], setting.nfe, sampler=sampler).images)
+    runner.decode(z)
+    assert len(paused) == setting.nfe  # (nothing outside `pausing`)
 
 
 def test_edit_moves_the_latent(model):
@@ -100,7 +116,7 @@ def test_cast_networks_are_converted_copies(model):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     runner = EagerRunner(model, DecodeSetting(1), precision="bf16", channels_last=True, autocast=True)
-    assert runner.name == "eager-nhwc-autocast" and runner.model.unet.dtype == torch.float32
+    assert runner.name == "eager-nhwc-autocast" and runner.model.unet.net.dtype == torch.float32
 
 
 def test_compile_modes_are_checked_before_anything_is_built():

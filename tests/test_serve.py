@@ -773,8 +773,8 @@ def _run_owned(renderer: Renderer, jobs):
 
 def test_connections_are_served_round_robin_and_a_strip_costs_its_rows(loaded, studio, ref):
     """Eight connections ask for 8-image strips at 10 steps, then a ninth for one edit at the
-    default 4 steps: the edit runs in the second call, after one row of each strip (not after
-    8 whole strips, as in arrival order). Every strip, split over calls, is still the model's
+    default 4 steps: the first call takes one row of each strip, and the edit runs inside it,
+    at its first pause point (not after 8 whole strips, as in arrival order). Every strip, split over calls, is still the model's
     decode of its rows; with nobody else waiting the strips' rows are batched again."""
     s4, s10 = DecodeSetting(STEPS, "euler"), DecodeSetting(10, "euler")
     z = ref.encode(studio.heldout[:9])
@@ -784,7 +784,7 @@ def test_connections_are_served_round_robin_and_a_strip_costs_its_rows(loaded, s
     jobs = [(owners[i], DECODE, s10, strips[i]) for i in range(8)] + [(owners[8], DECODE, s4, z[8:9])]
     out = _run_owned(renderer, jobs)
     edit = out[8]
-    assert (edit.first_call, edit.calls, edit.rows) == (1, 1, 1), edit
+    assert (edit.first_call, edit.calls, edit.rows, edit.preempted) == (1, 1, 1, True), edit  # inside the first call
     assert [r.first_call for r in out[:8]] == [0] * 8 and all(r.calls > 1 for r in out[:8])
     ten = factory("eager", loaded.model, "fp32")(s10)
     for r, zs in zip(out[:8], strips):
@@ -792,6 +792,67 @@ def test_connections_are_served_round_robin_and_a_strip_costs_its_rows(loaded, s
     torch.testing.assert_close(edit.out, ref.decode(z[8:9]), atol=1e-5, rtol=0)
     # 8 rows (one per strip), the edit, then the other 56 rows in calls of 16
     assert (renderer.stats.calls, renderer.stats.rows) == (2 + math.ceil(56 / 16), 65)
+
+
+def _run_after_first_call(renderer: Renderer, first, then):
+    """Submit job ``first`` (owner, op, setting, x); once its runner call has started, the jobs
+    ``then``. Their Rendered results, and the order the jobs finished in (indices)."""
+    finished = []
+
+    async def go():
+        await renderer.start()
+        try:
+            async def run(i, owner, op, setting, x):
+                r = await renderer.submit(op, setting, x, owner=owner)
+                finished.append(i)
+                return r
+
+            tasks = [asyncio.create_task(run(0, *first))]
+            while renderer._busy_since is None:  # (the first call is in the worker thread)
+                await asyncio.sleep(0.001)
+            tasks += [asyncio.create_task(run(i + 1, *job)) for i, job in enumerate(then)]
+            return await asyncio.gather(*tasks)
+        finally:
+            await renderer.stop()
+
+    try:
+        return asyncio.run(go()), finished
+    finally:
+        renderer.close()
+
+
+def test_an_edit_runs_at_the_next_pause_point_of_a_strips_call(loaded, studio, ref):
+    """A 16-image strip at 10 steps occupies the runner; an edit of another connection, sent
+    while it runs, is rendered inside that call (before its next U-Net evaluation) and comes
+    back first. Both images are what each would be alone."""
+    s4, s10 = DecodeSetting(STEPS, "euler"), DecodeSetting(10, "euler")
+    z = ref.encode(studio.heldout[:3])
+    strip = path_latents(z[0:1], z[1:2], 16)
+    renderer = Renderer(loaded.model, "eager", "fp32", s4, max_batch=16)
+    (r_strip, r_edit), finished = _run_after_first_call(renderer, (object(), DECODE, s10, strip),
+                                                        [(object(), DECODE, s4, z[2:3])])  # fmt: skip
+    assert finished == [1, 0] and r_edit.preempted and not r_strip.preempted
+    assert (r_strip.calls, r_strip.rows, r_edit.calls, r_edit.rows) == (1, 16, 1, 1)
+    assert (renderer.stats.calls, renderer.stats.preemptions) == (2, 1)
+    torch.testing.assert_close(r_edit.out, ref.decode(z[2:3]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(r_strip.out, factory("eager", loaded.model, "fp32")(s10).decode(strip), atol=1e-4, rtol=0)
+    # the edit's wait was part of the strip's call: the strip's own runner time leaves it out
+    assert r_edit.blocked_ms < r_strip.runner_ms and r_strip.blocked_ms >= r_edit.runner_ms
+
+    # a call without pause points (an encode) is not pre-empted: the edit handed to it comes
+    # back to the queue and runs next
+    renderer = Renderer(loaded.model, "eager", "fp32", s4, max_batch=16)
+    (r_enc, r_edit), finished = _run_after_first_call(renderer, (object(), ENCODE, s4, studio.heldout[:16]),
+                                                      [(object(), DECODE, s4, z[2:3])])  # fmt: skip
+    assert finished == [0, 1] and not r_edit.preempted and renderer.stats.preemptions == 0
+    assert (r_edit.first_call, renderer.stats.calls) == (1, 2)
+    torch.testing.assert_close(r_edit.out, ref.decode(z[2:3]), atol=1e-5, rtol=0)
+
+    # edits do not pre-empt edits: one-row jobs take turns (batched) as before
+    renderer = Renderer(loaded.model, "eager", "fp32", s4, max_batch=16)
+    (_, r_edit), finished = _run_after_first_call(renderer, (object(), DECODE, s10, z[0:1]),
+                                                  [(object(), DECODE, s4, z[2:3])])  # fmt: skip
+    assert finished == [0, 1] and not r_edit.preempted and renderer.stats.preemptions == 0
 
 
 def test_a_client_gone_while_its_frame_is_sent_ends_its_session_quietly(client, studio, caplog):

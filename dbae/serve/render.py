@@ -16,10 +16,20 @@ rows of that kind one per owner and round, so a job of L rows (a strip of L imag
 L rows and is split over calls when others wait. A call is one round (at most one row per
 owner) unless every job waiting is of one kind and every owner of the previous call is
 back among them; only then do rounds repeat up to ``max_batch`` rows (batching as before).
-So a well-behaved edit waits for at most one call of at most one row per other connection
-(and ``max_batch`` rows in all), however large and however many the strips the others ask
-for: its own connection, just served and about to submit again, stops the others' call
-growing past one round.
+
+Pre-emption: a runner call cannot be shorter than one row, and on a CPU a call of one row
+per strip-flooding connection at 10 steps costs several edits. So, while a call that holds
+rows of a strip (a job of two or more rows) runs on a runner with pause points
+(:attr:`dbae.export.runner.Runner.preemptible`: eager and onnxruntime-step), a waiting job of
+one row (an edit, an upload's encode) of a connection that has no rows in that call is handed
+to the worker thread, which runs it at the call's next pause point (before its next U-Net
+evaluation), then resumes the call where it stopped. One such call at a time, with at most
+one row per connection and ``max_batch`` rows; the one-row jobs that come while it waits for
+its pause point join it. A well-behaved edit then waits for at most one U-Net evaluation of
+a strip's call instead of the whole call, and the call still advances at least one
+evaluation between two such edits. Calls of one-row jobs only are not pre-empted (edits
+take turns, batched, as above). A job handed over that its call ended before reaching goes
+back to the queue.
 
 Runners are made by :func:`dbae.export.registry.factory`, one per decode setting (steps,
 sampler), on first use, and kept.
@@ -27,25 +37,30 @@ sampler), on first use, and kept.
 Timing of each job (:class:`Rendered`): ``runner_ms`` the runner calls it was part of
 (measured in the worker thread, the copy of the result to the CPU included), ``blocked_ms``
 the runner time spent on other calls while it waited, ``queue_ms`` its wait for its first
-call, ``rows`` / ``jobs`` the size of its (last) call, ``calls`` how many calls its rows took.
+call, ``rows`` / ``jobs`` the size of its (last) call, ``calls`` how many calls its rows took, ``preempted`` whether it ran inside another
+call (at a pause point).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from ..export.registry import factory as runner_factory
-from ..export.runner import DecodeSetting, Runner
+from ..export.runner import DecodeSetting, Runner, pausing
 from ..model import DBAE
 
 Tensor = torch.Tensor
+
+log = logging.getLogger("dbae.serve")
 
 ENCODE, DECODE = "encode", "decode"
 
@@ -90,7 +105,8 @@ class Rendered:
     rows: int  # rows of the (last) runner call
     jobs: int  # jobs of the (last) runner call
     calls: int = 1  # runner calls its rows took
-    first_call: int = 0  # the renderer's call count when its first rows ran (0: the first call)
+    first_call: int = 0  # the index of the call its first rows ran in (0: the renderer's first call)
+    preempted: bool = False  # it ran inside another call, at one of its pause points
 
 
 @dataclass(eq=False)
@@ -121,6 +137,7 @@ class RendererStats:
     jobs: int = 0
     busy_ms: float = 0.0
     by_op: dict = field(default_factory=lambda: {ENCODE: 0, DECODE: 0})
+    preemptions: int = 0  # calls run inside another call, at a pause point
 
 
 class Renderer:
@@ -146,6 +163,13 @@ class Renderer:
         self._task: asyncio.Task | None = None
         self._busy_done = 0.0  # ms of finished runner calls
         self._busy_since: float | None = None  # perf_counter() when the current call started
+        self._started = 0  # calls started (the next call's index)
+        # pre-emption: the call handed to the worker thread for the running call's next pause
+        # point, (op, setting, x, future of (out, runner_ms)), and the ms of such calls run
+        # during the current call (not counted in its own runner_ms)
+        self._handoff_lock = threading.Lock()
+        self._handoff: tuple[str, DecodeSetting, Tensor, Future] | None = None
+        self._paused_ms = 0.0
         self.stats = RendererStats()
 
     # ----- runners -----
@@ -224,10 +248,123 @@ class Renderer:
                     await asyncio.wait_for(arrived.wait(), left if waiting else None)
                 except asyncio.TimeoutError:
                     pass
-            batch, waiting = self._take_batch(waiting)
-            returning = len(batch)
-            if batch:
-                await self._run(loop, batch)
+            try:
+                batch, waiting = self._take_batch(waiting)
+                returning = len(batch)
+                if batch:
+                    waiting = await self._run_preempting(loop, batch, waiting)
+            except Exception as exc:  # noqa: BLE001  (a bug of ours: fail the jobs waiting, never hang them)
+                log.exception("the renderer's dispatcher failed; failing the jobs waiting")
+                for job in waiting + list(jobs):
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                waiting, returning = [], 0
+                jobs.clear()
+
+    async def _run_preempting(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Job, int, int]],
+                              waiting: list[_Job]) -> list[_Job]:  # fmt: skip
+        """Run ``batch``; meanwhile hand the worker, one at a time, the one-row jobs that may
+        pre-empt it (see the module docstring). The jobs still waiting when it ends."""
+        assert self._arrived is not None
+        arrived, jobs = self._arrived, self._jobs
+        runner = self._runners.get(batch[0][0].setting)
+        if all(job.rows == 1 for job, _, _ in batch) or (runner is not None and not runner.preemptible):
+            await self._run(loop, batch)  # (no strip in it, or no pause points: nothing to pre-empt)
+            return waiting
+        call = asyncio.ensure_future(self._run(loop, batch))
+        running = {job.owner for job, _, _ in batch}
+        handed: asyncio.Future | None = None  # the pre-empting call's delivery, while one is out
+        wake = asyncio.ensure_future(arrived.wait())
+        try:
+            while not call.done():
+                waiting += jobs
+                jobs.clear()
+                if handed is None or handed.done():
+                    handed = self._hand_over(loop, waiting, running)
+                else:  # (still waiting for its pause point: the jobs come since may join it)
+                    self._join_handoff(waiting, running)
+                waiting = [j for j in waiting if j.taken < j.rows]
+                arrived.clear()
+                if wake.done():
+                    wake = asyncio.ensure_future(arrived.wait())
+                out = [handed] if handed is not None and not handed.done() else []  # (its end frees the slot)
+                await asyncio.wait([call, wake, *out], return_when=asyncio.FIRST_COMPLETED)
+            await call
+        finally:
+            wake.cancel()
+        back = self._take_back()  # (the call has ended: a hand-over is either run or still here)
+        if handed is not None:
+            await handed
+        return back + waiting
+
+    def _may_preempt(self, waiting: list[_Job], running: set[int]) -> list[_Job]:
+        """The waiting jobs that may pre-empt a call of ``running`` owners, least recently
+        served owner first: one row, not yet taken, of a connection not in the call."""
+        served = self._served_at
+        small = [j for j in waiting if j.rows == 1 and j.taken == 0 and j.owner not in running and not j.future.done()]
+        return sorted(small, key=lambda j: served.get(j.owner, -1))  # (stable: in arrival order among equals)
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, waiting: list[_Job], running: set[int]) -> asyncio.Future | None:
+        """Hand the worker a call of the jobs that may pre-empt the running call (one per
+        connection, of one kind and setting: the least recently served connection's); the
+        task that delivers its rows, or None when there is none."""
+        small = self._may_preempt(waiting, running)
+        if not small:
+            return None
+        handoff = _Handoff(small[0].op, small[0].setting, small[0].x, Future(), [])
+        self._add_jobs(handoff, small)
+        with self._handoff_lock:
+            self._handoff = handoff
+        return asyncio.ensure_future(self._deliver_handed(loop, handoff))
+
+    def _join_handoff(self, waiting: list[_Job], running: set[int]) -> None:
+        """Let jobs that came since join the hand-over, while the worker has not taken it."""
+        small = self._may_preempt(waiting, running)
+        if not small:
+            return
+        with self._handoff_lock:  # (held while the rows are added: the worker cannot take it meanwhile)
+            if self._handoff is not None:
+                self._add_jobs(self._handoff, small)
+
+    def _add_jobs(self, handoff: _Handoff, jobs: list[_Job]) -> None:
+        owners = {job.owner for job in handoff.jobs}
+        added = False
+        for job in jobs:
+            if len(handoff.jobs) >= self.max_batch:
+                break
+            if (job.op, job.setting) == (handoff.op, handoff.setting) and job.owner not in owners:
+                handoff.jobs.append(job)
+                owners.add(job.owner)
+                job.taken = 1
+                self._served_at[job.owner] = self.stats.calls
+                added = True
+        if added:
+            xs = [job.x for job in handoff.jobs]
+            handoff.x = xs[0] if len(xs) == 1 else torch.cat(xs)
+
+    async def _deliver_handed(self, loop: asyncio.AbstractEventLoop, handoff: _Handoff) -> None:
+        try:
+            out, runner_ms, started, call = await asyncio.wrap_future(handoff.done, loop=loop)
+        except _GivenBack:
+            return
+        except Exception as exc:  # noqa: BLE001  (handed to every job of the call)
+            for job in handoff.jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        self.stats.preemptions += 1
+        self._deliver([(job, 0, 1) for job in handoff.jobs], out, runner_ms, started, call, preempted=True)
+
+    def _take_back(self) -> list[_Job]:
+        """The jobs of a hand-over that the call ended before reaching, back in the queue."""
+        with self._handoff_lock:
+            handoff, self._handoff = self._handoff, None
+        if handoff is None:
+            return []
+        handoff.done.set_exception(_GivenBack())
+        for job in handoff.jobs:
+            job.taken = 0
+        return [job for job in handoff.jobs if not job.future.done()]
 
     def _take_batch(self, waiting: list[_Job]) -> tuple[list[tuple[_Job, int, int]], list[_Job]]:
         """The next call's rows, as (job, first row, end row), and the jobs left waiting, in
@@ -277,7 +414,8 @@ class Renderer:
         x = parts[0] if len(parts) == 1 else torch.cat(parts)
         started = time.perf_counter()
         self._busy_since = started
-        call = self.stats.calls
+        call = self._started
+        self._started += 1
         try:
             out, runner_ms = await loop.run_in_executor(self._executor, self._call, op, setting, x)
         except Exception as exc:  # noqa: BLE001  (handed to every job of the call)
@@ -288,12 +426,17 @@ class Renderer:
         finally:
             self._busy_done += (time.perf_counter() - started) * 1e3
             self._busy_since = None
+        self._deliver(batch, out, runner_ms, started, call)
+
+    def _deliver(self, batch: list[tuple[_Job, int, int]], out: Tensor, runner_ms: float, started: float,
+                 call: int, *, preempted: bool = False) -> None:  # fmt: skip
+        """Hand each job of a finished call its rows; finish the jobs whose last rows these were."""
         s = self.stats
         s.calls += 1
-        s.rows += x.shape[0]
+        s.rows += out.shape[0]
         s.jobs += len(batch)
         s.busy_ms += runner_ms
-        s.by_op[op] += 1
+        s.by_op[batch[0][0].op] += 1
         lo = 0
         for job, first, end in batch:
             n = end - first
@@ -307,13 +450,59 @@ class Renderer:
                 result = job.outs[0] if len(job.outs) == 1 else torch.cat(job.outs)
                 blocked = max(0.0, self._busy_now() - job.busy_at_submit - job.runner_ms)
                 job.future.set_result(Rendered(
-                    result, job.runner_ms, (job.started - job.submitted) * 1e3, blocked, x.shape[0], len(batch),
-                    job.calls, job.first_call,
+                    result, job.runner_ms, (job.started - job.submitted) * 1e3, blocked, out.shape[0], len(batch),
+                    job.calls, job.first_call, preempted,
                 ))  # fmt: skip
 
+    # ----- in the worker thread -----
     def _call(self, op: str, setting: DecodeSetting, x: Tensor) -> tuple[Tensor, float]:
+        """One runner call; with pause points where its runner has them. Its runner ms leave
+        out the calls run at its pause points."""
         runner = self.runner(setting)  # made here, in the worker thread, on first use
+        self._paused_ms = 0.0
         t0 = time.perf_counter()
+        if runner.preemptible:
+            with pausing(self._at_pause_point):
+                out = self._run_runner(runner, op, x)
+        else:
+            out = self._run_runner(runner, op, x)
+        return out, (time.perf_counter() - t0) * 1e3 - self._paused_ms
+
+    @staticmethod
+    def _run_runner(runner: Runner, op: str, x: Tensor) -> Tensor:
         out = runner.encode(x) if op == ENCODE else runner.decode(x)
-        out = out.float().cpu()
-        return out, (time.perf_counter() - t0) * 1e3
+        return out.float().cpu()
+
+    def _at_pause_point(self) -> None:
+        """Run the call handed over for this pause point, if there is one (see _hand_over)."""
+        if self._handoff is None:  # (read without the lock: a miss waits for the next pause point)
+            return
+        with self._handoff_lock:
+            handoff, self._handoff = self._handoff, None
+        if handoff is None:
+            return
+        t0 = time.perf_counter()
+        call = self._started
+        self._started += 1  # (the event loop starts no call while this one's call runs)
+        try:
+            runner = self.runner(handoff.setting)
+            t1 = time.perf_counter()
+            out = self._run_runner(runner, handoff.op, handoff.x)
+            handoff.done.set_result((out, (time.perf_counter() - t1) * 1e3, t0, call))
+        except Exception as exc:  # noqa: BLE001  (handed to its jobs)
+            handoff.done.set_exception(exc)
+        finally:
+            self._paused_ms += (time.perf_counter() - t0) * 1e3
+
+
+class _GivenBack(Exception):
+    """A hand-over that its call ended before reaching (its jobs go back to the queue)."""
+
+
+@dataclass(eq=False)
+class _Handoff:
+    op: str
+    setting: DecodeSetting
+    x: Tensor
+    done: Future  # (out, runner_ms, started, call index), set in the worker thread
+    jobs: list[_Job]
