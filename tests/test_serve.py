@@ -725,16 +725,25 @@ def test_the_renderers_worker_thread_keeps_the_cpu_threads_it_was_made_with(load
 def test_the_renderer_batches_jobs_waiting_together_into_one_runner_call(loaded, studio, ref):
     s4 = DecodeSetting(STEPS, "euler")
     z = ref.encode(studio.heldout[:6])
+    edits = [(DECODE, s4, z[0:1]), (DECODE, s4, z[1:2]), (DECODE, s4, z[3:4])]
+    batched = Renderer(loaded.model, "eager", "fp32", s4, max_batch=16)
+    out = _run_jobs(batched, edits)
+    assert (batched.stats.calls, batched.stats.rows, batched.stats.jobs) == (1, 3, 3)
+    for r, (_, _, x) in zip(out, edits):
+        assert (r.rows, r.jobs) == (3, 3) and r.out.shape == (1, 3, 16, 16)
+        torch.testing.assert_close(r.out, ref.decode(x), atol=1e-4, rtol=0)  # each job gets its own rows
+    assert diff(to_uint8(out[0].out), to_uint8(out[2].out)).mean() > 3
+
+    # a strip (a job of 2 rows) never shares a call with one-row jobs: the edits run together
+    # first (the least recently served connection's job leads), then the strip
     jobs = [(DECODE, s4, z[0:1]), (DECODE, s4, z[1:3]), (DECODE, s4, z[3:4])]
     alone = [ref.decode(x) for _, _, x in jobs]
-
-    batched = Renderer(loaded.model, "eager", "fp32", s4, max_batch=16)
-    out = _run_jobs(batched, jobs)
-    assert (batched.stats.calls, batched.stats.rows, batched.stats.jobs) == (1, 4, 3)
+    apart = Renderer(loaded.model, "eager", "fp32", s4, max_batch=16)
+    out = _run_jobs(apart, jobs)
+    # (one row per call: the edits' connections, served last, have not come back)
+    assert [(r.rows, r.jobs, r.first_call, r.calls) for r in out] == [(2, 2, 0, 1), (1, 1, 1, 2), (2, 2, 0, 1)]
     for r, expected in zip(out, alone):
-        assert (r.rows, r.jobs) == (4, 3) and r.out.shape == expected.shape
-        torch.testing.assert_close(r.out, expected, atol=1e-4, rtol=0)  # each job gets its own rows
-    assert diff(to_uint8(out[0].out), to_uint8(out[2].out)).mean() > 3
+        torch.testing.assert_close(r.out, expected, atol=1e-4, rtol=0)
 
     single = Renderer(loaded.model, "eager", "fp32", s4, max_batch=1)  # one row per call: the 2-row job takes two
     out = _run_jobs(single, jobs)
@@ -773,25 +782,33 @@ def _run_owned(renderer: Renderer, jobs):
 
 def test_connections_are_served_round_robin_and_a_strip_costs_its_rows(loaded, studio, ref):
     """Eight connections ask for 8-image strips at 10 steps, then a ninth for one edit at the
-    default 4 steps: the first call takes one row of each strip, and the edit runs inside it,
-    at its first pause point (not after 8 whole strips, as in arrival order). Every strip, split over calls, is still the model's
+    default 4 steps: the first call takes one row of four strips (the cap while somebody
+    edits), and the edit runs inside it, at its first pause point (not after 8 whole strips,
+    as in arrival order). Every strip, split over calls, is still the model's
     decode of its rows; with nobody else waiting the strips' rows are batched again."""
     s4, s10 = DecodeSetting(STEPS, "euler"), DecodeSetting(10, "euler")
     z = ref.encode(studio.heldout[:9])
     strips = [path_latents(z[i:i + 1], z[i + 1:i + 2], 8) for i in range(8)]
     owners = [object() for _ in range(9)]
-    renderer = Renderer(loaded.model, "eager", "fp32", s4, max_batch=16)
+    renderer = Renderer(loaded.model, "eager", "fp32", s4, max_batch=16, editing_s=600.0)
     jobs = [(owners[i], DECODE, s10, strips[i]) for i in range(8)] + [(owners[8], DECODE, s4, z[8:9])]
     out = _run_owned(renderer, jobs)
     edit = out[8]
     assert (edit.first_call, edit.calls, edit.rows, edit.preempted) == (1, 1, 1, True), edit  # inside the first call
-    assert [r.first_call for r in out[:8]] == [0] * 8 and all(r.calls > 1 for r in out[:8])
+    # while somebody edits, a strip call holds STRIP_ROWS_WHILE_EDITING = 4 rows
+    assert [r.first_call for r in out[:8]] == [0] * 4 + [2] * 4 and all(r.calls > 1 for r in out[:8])
     ten = factory("eager", loaded.model, "fp32")(s10)
     for r, zs in zip(out[:8], strips):
         torch.testing.assert_close(r.out, ten.decode(zs), atol=1e-4, rtol=0)
     torch.testing.assert_close(edit.out, ref.decode(z[8:9]), atol=1e-5, rtol=0)
-    # 8 rows (one per strip), the edit, then the other 56 rows in calls of 16
-    assert (renderer.stats.calls, renderer.stats.rows) == (2 + math.ceil(56 / 16), 65)
+    # the edit, then the strips' 64 rows in calls of 4
+    assert (renderer.stats.calls, renderer.stats.rows, renderer.stats.preemptions) == (1 + 64 // 4, 65, 1)
+
+    # nobody edits: the strips (nothing else waiting) share calls of max_batch rows
+    renderer = Renderer(loaded.model, "eager", "fp32", s4, max_batch=16)
+    out = _run_owned(renderer, jobs[:8])
+    assert [r.first_call for r in out] == [0] * 8
+    assert (renderer.stats.calls, renderer.stats.rows) == (64 // 16, 64)
 
 
 def _run_after_first_call(renderer: Renderer, first, then):

@@ -11,9 +11,10 @@ works.
 
 Fairness between connections: every job has an owner (its connection). The dispatcher
 serves owners round-robin, least recently served first: the first waiting job of the
-least recently served owner sets the call's kind and decode setting, and the call takes
-rows of that kind one per owner and round, so a job of L rows (a strip of L images) costs
-L rows and is split over calls when others wait. A call is one round (at most one row per
+least recently served owner sets the call's kind (encode or decode, the decode setting, and
+whether it is a strip, a job of two or more rows: one-row jobs never share a call with
+strips), and the call takes rows of that kind one per owner and round, so a job of L rows
+(a strip of L images) costs L rows and is split over calls when others wait. A call is one round (at most one row per
 owner) unless every job waiting is of one kind and every owner of the previous call is
 back among them; only then do rounds repeat up to ``max_batch`` rows (batching as before).
 
@@ -27,7 +28,8 @@ evaluation), then resumes the call where it stopped. One such call at a time, wi
 one row per connection and ``max_batch`` rows; the one-row jobs that come while it waits for
 its pause point join it. A well-behaved edit then waits for at most one U-Net evaluation of
 a strip's call instead of the whole call, and the call still advances at least one
-evaluation between two such edits. Calls of one-row jobs only are not pre-empted (edits
+evaluation between two such edits. While somebody edits (see :data:`EDITING_S`), calls of
+strip rows hold at most :data:`STRIP_ROWS_WHILE_EDITING` rows, so that evaluation is short. Calls of one-row jobs only are not pre-empted (edits
 take turns, batched, as above). A job handed over that its call ended before reaching goes
 back to the queue.
 
@@ -67,6 +69,13 @@ ENCODE, DECODE = "encode", "decode"
 #: the longest the dispatcher waits for the connections it just served to submit again, so
 #: that their jobs join the next runner call (seconds; only while batching, see _dispatch)
 GATHER_S = 0.002
+#: while somebody is editing (a connection with no strip waiting sent a one-row job within
+#: EDITING_S seconds), a call of strip rows holds at most this many rows, so that the next
+#: pause point of a strip's call, where the edit runs, is one U-Net evaluation of at most
+#: this many rows away (on the 2-core CPU: 4 rows ~ 2.8 ms in onnxruntime-step, about half an
+#: edit; 16 rows ~ 10 ms, more than an edit; see docs/benchmarks.md)
+STRIP_ROWS_WHILE_EDITING = 4
+EDITING_S = 1.0
 
 
 def resolve_runner_kind(kind: str, device: torch.device, precision: str | None = None) -> str:
@@ -129,6 +138,12 @@ class _Job:
     def rows(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def kind(self) -> tuple[str, DecodeSetting, bool]:
+        """What may share a call: op, decode setting, and strip or not (edits never share a
+        call with strips: they pre-empt them)."""
+        return self.op, self.setting, self.rows > 1
+
 
 @dataclass
 class RendererStats:
@@ -144,14 +159,17 @@ class Renderer:
     """Runs encode / decode jobs of all connections on runners of ``kind`` (a name of
     :data:`dbae.export.registry.KINDS`) for ``model``, batching up to ``max_batch`` rows."""
 
-    def __init__(self, model: DBAE, kind: str, precision: str, default: DecodeSetting, *, max_batch: int = 16) -> None:
+    def __init__(self, model: DBAE, kind: str, precision: str, default: DecodeSetting, *, max_batch: int = 16,
+                 editing_s: float = EDITING_S) -> None:  # fmt: skip
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        self.editing_s = editing_s
         self.kind = kind
         self.precision = precision
         self.default = default
         self.max_batch = max_batch
         self._served_at: dict[int, int] = {}  # owner -> the call that last served it
+        self._edited_at: dict[int, float] = {}  # owner -> perf_counter() of its last one-row job
         self._last_owners: set[int] = set()  # the owners of the last call
         self._make = runner_factory(kind, model, precision)
         self._runners: dict[DecodeSetting, Runner] = {}
@@ -219,6 +237,8 @@ class Renderer:
         job = _Job(op, setting, x, future, time.perf_counter(), self._busy_now(), id(owner))
         if owner is None:
             job.owner = id(job)
+        if job.rows == 1:
+            self._edited_at[job.owner] = job.submitted
         self._jobs.append(job)
         self._arrived.set()
         return await future
@@ -311,7 +331,7 @@ class Renderer:
         small = self._may_preempt(waiting, running)
         if not small:
             return None
-        handoff = _Handoff(small[0].op, small[0].setting, small[0].x, Future(), [])
+        handoff = _Handoff(small[0].op, small[0].setting, small[0].x, Future(), [])  # (one kind: see _add_jobs)
         self._add_jobs(handoff, small)
         with self._handoff_lock:
             self._handoff = handoff
@@ -368,10 +388,11 @@ class Renderer:
 
     def _take_batch(self, waiting: list[_Job]) -> tuple[list[tuple[_Job, int, int]], list[_Job]]:
         """The next call's rows, as (job, first row, end row), and the jobs left waiting, in
-        order. The least recently served owner's first job sets the kind and setting; the
-        rows of that kind are taken one per owner and round (owners in that order), up to
-        ``max_batch`` rows; for one round only while a job of another kind waits or an
-        owner of the last call has not submitted again."""
+        order. The least recently served owner's first job sets the kind (op, setting, strip
+        or not); the rows of that kind are taken one per owner and round (owners in that
+        order), up to ``max_batch`` rows (:data:`STRIP_ROWS_WHILE_EDITING` for strips while
+        somebody edits); for one round only while a job of another kind waits or an owner of
+        the last call has not submitted again."""
         live = [j for j in waiting if not j.future.done()]  # a cancelled job's connection is gone
         if not live:
             return [], []
@@ -381,17 +402,20 @@ class Renderer:
         served = self._served_at
         owners = sorted(by_owner, key=lambda o: served.get(o, -1))  # (stable: in arrival order among equals)
         head = by_owner[owners[0]][0]
-        kind = (head.op, head.setting)
-        fill = all((j.op, j.setting) == kind for j in live) and self._last_owners <= by_owner.keys()
-        queues = [[j for j in by_owner[o] if (j.op, j.setting) == kind] for o in owners]
+        kind = head.kind
+        fill = all(j.kind == kind for j in live) and self._last_owners <= by_owner.keys()
+        queues = [[j for j in by_owner[o] if j.kind == kind] for o in owners]
+        limit = self.max_batch
+        if head.rows > 1 and self._somebody_edits({j.owner for j in live if j.rows > 1}):
+            limit = min(limit, STRIP_ROWS_WHILE_EDITING)
         take: dict[_Job, int] = {}
         rows = 0
-        while rows < self.max_batch:
+        while rows < limit:
             added = False
             for queue in queues:
                 while queue and queue[0].rows - queue[0].taken - take.get(queue[0], 0) == 0:
                     queue.pop(0)
-                if queue and rows < self.max_batch:
+                if queue and rows < limit:
                     take[queue[0]] = take.get(queue[0], 0) + 1
                     rows += 1
                     added = True
@@ -407,6 +431,14 @@ class Renderer:
             for o in [o for o in served if o not in by_owner][:2048]:
                 del served[o]
         return batch, [j for j in live if j.taken < j.rows]
+
+    def _somebody_edits(self, stripping: set[int]) -> bool:
+        """Whether a connection other than ``stripping`` (those with a strip waiting) sent a
+        one-row job within ``editing_s`` (:data:`EDITING_S`); forgets the older ones."""
+        now = time.perf_counter()
+        for owner in [o for o, t in self._edited_at.items() if now - t > self.editing_s]:
+            del self._edited_at[owner]
+        return any(o not in stripping for o in self._edited_at)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Job, int, int]]) -> None:
         op, setting = batch[0][0].op, batch[0][0].setting
