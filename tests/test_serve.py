@@ -43,7 +43,7 @@ from dbae.serve.latents import attribute_directions, edit_latents, mix_latents, 
 from dbae.serve.render import DECODE, ENCODE, Renderer
 from dbae.serve.server import bind, host_warning, make_studio
 from dbae.serve.session import Session
-from dbae.serve.studio import Studio
+from dbae.serve.studio import Studio, png_bytes
 
 SIZE = 16  # the tiny16 model's images
 STEPS = 4  # the studio's default decode steps
@@ -1068,6 +1068,21 @@ def test_serve_command_builds_the_studio_and_listens(capsys, trained_tiny, monke
 
 
 # ----- 11. the slider arithmetic -----
+@pytest.mark.parametrize("shape", [(3, 16, 16), (5, 3, 16, 16), (1, 9, 12), (3, 64, 48)])
+def test_frames_are_pngs_of_the_uint8_pixels(shape):
+    """The server's own PNG writer: any PNG decoder reads back to_uint8's pixels exactly
+    (clamped, rounded half to even), a strip side by side, grey for one channel."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g) * 0.9
+    x.view(-1)[:4] = torch.tensor([-3.0, 3.0, -1 / 127.5 * 0.5 - 1, 0.5 / 127.5 - 1])  # clamped; rounding ties
+    want = to_uint8(x)
+    if want.ndim == 4:
+        want = np.concatenate(list(want), axis=1)
+    img = Image.open(io.BytesIO(png_bytes(x)))
+    assert img.format == "PNG" and img.mode == ("RGB" if shape[-3] == 3 else "L")
+    assert np.array_equal(np.asarray(img), want[..., 0] if want.shape[-1] == 1 else want)
+
+
 def test_edit_latents_with_one_slider_is_shift_latents(studio, ref):
     clf, names, directions = studio.classifier, studio.attributes, studio.directions
     assert attribute_directions(clf)[0] == names and directions.shape == (len(names), clf.z_dim)

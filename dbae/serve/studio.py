@@ -12,23 +12,23 @@ A decode whose connection closed is called off (:meth:`Studio.decode_upload`).""
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import re
+import struct
 import threading
 import time
 import weakref
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..apps.attributes import AttributeClassifier
 from ..data import ShapesDataset
 from ..errors import DataError
-from ..imageio import DecodeAbandoned, decode_reduced, max_image_pixels, pil_to_tensor, resize_square, to_uint8
+from ..imageio import DecodeAbandoned, decode_reduced, max_image_pixels, pil_to_tensor, resize_square
 from ..inference import LoadedModel
 from . import align
 from .latents import attribute_directions
@@ -48,13 +48,36 @@ ALIGN_MIN_SIDE = 128
 
 def png_bytes(x: Tensor) -> bytes:
     """PNG of one image (C, H, W) in [-1, 1] (clamped), or of a row of images (L, C, H, W)
-    side by side. Fast compression: these are sent, not stored."""
-    array = to_uint8(x)
-    if array.ndim == 4:
-        array = np.concatenate(list(array), axis=1)
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    side by side: the pixels of :func:`dbae.imageio.to_uint8` (the same float32 arithmetic,
+    in NumPy) in 8-bit grey or RGB, the Up row filter, zlib level 1. These are sent, not stored:
+    this writes the few bytes PNG needs itself, about 3x faster than Pillow for a 16x16 frame
+    on a cold cache (0.1 against 0.3 ms on the 2-core CPU, a third of the server's own time
+    per frame; see docs/benchmarks.md)."""
+    a = x.detach().to(device="cpu", dtype=torch.float32).numpy()
+    a = np.clip(a, -1.0, 1.0)  # (a copy: the tensor is left as it is)
+    a += 1.0
+    a *= 127.5
+    a = np.rint(a).astype(np.uint8)
+    if a.ndim == 4:  # (L, C, H, W) -> (C, H, L * W)
+        a = np.concatenate(list(a), axis=2)
+    c, h, w = a.shape
+    if c not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels, got {c}")
+    flat = a.transpose(1, 2, 0).reshape(h, w * c)
+    rows = np.empty((h, 1 + w * c), dtype=np.uint8)
+    rows[:, 0] = 2  # filter type Up: each row minus the row above (modulo 256)
+    rows[0, 1:] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])
+    header = struct.pack(">IIBBBBB", w, h, 8, 2 if c == 3 else 0, 0, 0, 0)
+    return b"".join((_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)),
+                     _png_chunk(b"IEND", b"")))  # fmt: skip
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def rss_mb() -> float | None:
