@@ -11,6 +11,7 @@ import torch
 
 from .checkpoints import load_checkpoint, load_state_strict, resolve_checkpoint
 from .checkpoints.foreign import is_torch_pickle
+from .checkpoints.integrity import TENSORS_KEY
 from .checkpoints.imports import imported_record, read_foreign
 from .config import Preset
 from .errors import CheckpointError
@@ -23,6 +24,10 @@ class LoadedModel:
     preset: Preset
     step: int
     path: Path
+    #: what identifies the weights the model holds without hashing them again: the sha256 of
+    #: the checkpoint's tensor data (checked when it was read) and which weights (EMA or raw);
+    #: None where the file carries none (an authors' .pt, a checkpoint of an older dbae)
+    weights_id: str | None = None
 
 
 def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
@@ -50,8 +55,11 @@ def load_model(path: str | Path, *, ema: bool = True, device: str | torch.device
         origin = f" (imported from {record.get('source')})" if record else ""
         raise CheckpointError(f"{path} holds EMA weights only{origin}; drop --raw-weights")
     weights = ckpt.ema if ema and ckpt.ema else ckpt.model
-    model = _loaded(ckpt.preset, weights, "EMA" if weights is ckpt.ema else "model", path)
-    return LoadedModel(model.to(device).eval(), ckpt.preset, ckpt.step, path)
+    what = "EMA" if weights is ckpt.ema else "model"
+    model = _loaded(ckpt.preset, weights, what, path)
+    digest = ckpt.metadata.get(TENSORS_KEY)
+    weights_id = f"{digest}/{what}" if digest else None
+    return LoadedModel(model.to(device).eval(), ckpt.preset, ckpt.step, path, weights_id)
 
 
 def _loaded(preset: Preset, weights: dict[str, torch.Tensor], what: str, path: Path) -> DBAE:

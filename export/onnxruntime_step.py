@@ -12,6 +12,9 @@ reference sampler otherwise), so Euler and Heun at every K (1-10) come from one 
 The graphs are cached in ``$DBAE_CACHE_DIR/onnx/<sha256>/step-<precision>/`` (default
 ``~/.cache/dbae/onnx``), where ``<sha256>`` is the digest of the model's configuration and of
 the weights it runs (:func:`model_sha256`: a checkpoint's EMA and raw weights are two models).
+Given the ``weights_id`` of a loaded checkpoint (:attr:`dbae.inference.LoadedModel.weights_id`:
+the sha256 of its tensor data, checked when it was read, and which weights), the weights are
+not hashed again (one pass over them, about a second for a real-size model).
 A cache folder is an ordinary export folder (``manifest.json`` with the sha256 of each graph),
 written atomically by :func:`dbae.export.onnx_export.export_onnx`; on start-up it is checked
 (every file against its sha256, the configuration against the model) and exported again if
@@ -61,17 +64,18 @@ def dbae_cache_dir() -> Path:
     return Path(os.environ.get("DBAE_CACHE_DIR") or Path.home() / ".cache" / "dbae")
 
 
-def model_sha256(model: DBAE) -> str:
-    """sha256 of the model's configuration and of the weights it runs (its state dict)."""
+def model_sha256(model: DBAE, weights_id: str | None = None) -> str:
+    """sha256 of the model's configuration and of the weights it runs: of its state dict, or
+    ``weights_id`` where given (see the module docstring)."""
     h = hashlib.sha256(f"dbae-onnx-step/{CACHE_VERSION}\0{dumps(model.config)}\0".encode())
-    h.update(tensors_sha256(model.state_dict()).encode())
+    h.update(f"checkpoint\0{weights_id}".encode() if weights_id else tensors_sha256(model.state_dict()).encode())
     return h.hexdigest()
 
 
-def step_cache_folder(model: DBAE, precision: str, cache_dir: Path | None = None) -> Path:
+def step_cache_folder(model: DBAE, precision: str, cache_dir: Path | None = None, weights_id: str | None = None) -> Path:
     """Where the step export of ``model`` at ``precision`` is cached."""
     root = (cache_dir or dbae_cache_dir()) / "onnx"
-    return root / model_sha256(model) / f"step-{precision}"
+    return root / model_sha256(model, weights_id) / f"step-{precision}"
 
 
 @contextlib.contextmanager
@@ -111,15 +115,16 @@ def _export(model: DBAE, folder: Path, precision: str) -> Manifest:
 
 
 def ensure_step_export(
-    model: DBAE, precision: str = "fp32", *, cache_dir: Path | None = None, log: Callable[[str], None] | None = None
-) -> tuple[Path, Manifest, bool]:
+    model: DBAE, precision: str = "fp32", *, cache_dir: Path | None = None, log: Callable[[str], None] | None = None,
+    weights_id: str | None = None,
+) -> tuple[Path, Manifest, bool]:  # fmt: skip
     """(folder, manifest, exported): the cached step export of ``model``, exported first
     (``exported`` True) when the cache has none or a damaged one."""
     from .onnx_export import require_onnx
 
     require_onnx()
     check_precision(precision)
-    folder = step_cache_folder(model, precision, cache_dir)
+    folder = step_cache_folder(model, precision, cache_dir, weights_id)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -237,13 +242,14 @@ class OnnxStepRunner(Runner):
 
 def step_factory(
     model: DBAE, precision: str = "fp32", *, cache_dir: Path | None = None, threads: int | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, weights_id: str | None = None,
 ) -> Callable[[DecodeSetting], OnnxStepRunner]:  # fmt: skip
     """Export (or reuse the cached export) now, open the sessions once, and return the
-    factory of runners for any decode setting, all sharing those sessions."""
+    factory of runners for any decode setting, all sharing those sessions (``weights_id``:
+    see the module docstring)."""
     if next(model.parameters()).device.type != "cpu":
         raise ConfigError("runner onnxruntime-step runs on the CPU (pass --device cpu, or use cuda-graph on a GPU)")
     require_onnxruntime()
-    folder, manifest, _ = ensure_step_export(model, precision, cache_dir=cache_dir, log=log)
+    folder, manifest, _ = ensure_step_export(model, precision, cache_dir=cache_dir, log=log, weights_id=weights_id)
     graphs = StepGraphs(model, folder, manifest, precision, threads=threads)
     return lambda setting: OnnxStepRunner(graphs, setting)

@@ -77,14 +77,15 @@ def _onnxruntime(provider: str) -> Callable[[DBAE, str], RunnerFactory]:
     return make
 
 
-def _onnxruntime_step(model: DBAE, precision: str) -> RunnerFactory:
+def _onnxruntime_step(model: DBAE, precision: str, weights_id: str | None = None) -> RunnerFactory:
     from .onnx_export import require_onnx
     from .onnxruntime_step import step_factory
 
     require_onnx()
     # ONNX Runtime's threads follow torch's (dbae serve --threads): eleven session runs per
     # 10-step decode, each waking the intra-op pool, where the unrolled graph runs once
-    return step_factory(model, precision, threads=torch.get_num_threads(), log=lambda line: print(line, flush=True))
+    return step_factory(model, precision, threads=torch.get_num_threads(), log=lambda line: print(line, flush=True),
+                        weights_id=weights_id)  # fmt: skip
 
 
 def tensorrt_cache_dir() -> Path:
@@ -142,11 +143,13 @@ TORCH_KINDS = ("eager", "eager-compiled", "cuda-graph", "cuda-graph-compiled")
 
 def factory(
     kind: str, model: DBAE, precision: str, *, channels_last: bool = False, autocast: bool = False,
-    compile_mode: str | None = None,
+    compile_mode: str | None = None, weights_id: str | None = None,
 ) -> RunnerFactory:  # fmt: skip
     """The factory of runner ``kind``. ``channels_last``, ``autocast`` and ``compile_mode`` are
     options of the PyTorch runners (see :class:`dbae.export.torch_runners.EagerRunner`); the
-    exported runtimes refuse them (their graphs fix their own layouts and precisions)."""
+    exported runtimes refuse them (their graphs fix their own layouts and precisions).
+    ``weights_id``: :attr:`dbae.inference.LoadedModel.weights_id` of ``model``, so that the
+    onnxruntime-step cache key need not hash its weights (the other kinds ignore it)."""
     if kind not in KINDS:
         raise ConfigError(f"unknown runner {kind!r}; choose from: {', '.join(KINDS)}")
     options = {"channels_last": channels_last, "autocast": autocast, "compile_mode": compile_mode}
@@ -156,4 +159,6 @@ def factory(
     if named:
         raise ConfigError(f"{' and '.join(named)} {'apply' if len(named) > 1 else 'applies'} to the PyTorch "
                           f"runners ({', '.join(TORCH_KINDS)}), not to {kind}")  # fmt: skip
+    if kind == "onnxruntime-step":
+        return _onnxruntime_step(model, precision, weights_id)
     return KINDS[kind][0](model, precision)

@@ -20,9 +20,10 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from conftest import perturbed_tiny16  # noqa: E402
+from dbae.checkpoints.integrity import TENSORS_KEY, read_header  # noqa: E402
 from dbae.config import get_preset  # noqa: E402
 from dbae.errors import ConfigError  # noqa: E402
-from dbae.export import onnx_export, registry  # noqa: E402
+from dbae.export import onnx_export, onnxruntime_step, registry  # noqa: E402
 from dbae.export.manifest import MANIFEST_NAME, read_manifest, sha256_file  # noqa: E402
 from dbae.export.onnxruntime_step import (  # noqa: E402
     OnnxStepRunner,
@@ -33,6 +34,7 @@ from dbae.export.onnxruntime_step import (  # noqa: E402
 )
 from dbae.export.runner import DecodeSetting, pausing  # noqa: E402
 from dbae.export.torch_runners import EagerRunner  # noqa: E402
+from dbae.inference import load_model  # noqa: E402
 from dbae.model import DBAE  # noqa: E402
 from dbae.serve.render import Renderer, resolve_runner_kind  # noqa: E402
 
@@ -171,6 +173,25 @@ def test_an_unwritable_cache_exports_for_this_process_only(model, tmp_path, caps
     import shutil
 
     shutil.rmtree(folder.parent)  # (the process would remove it when it exits)
+
+
+def test_a_loaded_checkpoint_keys_the_cache_by_its_checked_sha256(trained_tiny, tmp_path, monkeypatch):
+    """A checkpoint's weights are not hashed again for the cache key: the sha256 of its tensor
+    data (checked when it was read) and which weights (EMA or raw) stand for them."""
+    ema, raw = load_model(trained_tiny), load_model(trained_tiny, ema=False)
+    digest = read_header(ema.path)[TENSORS_KEY]
+    assert (ema.weights_id, raw.weights_id) == (f"{digest}/EMA", f"{digest}/model")
+    hashed = step_cache_folder(ema.model, "fp32", tmp_path)
+    monkeypatch.setattr(onnxruntime_step, "tensors_sha256", None)  # (hashing the weights would fail now)
+    keyed = step_cache_folder(ema.model, "fp32", tmp_path, ema.weights_id)
+    assert keyed.parent.name == model_sha256(ema.model, ema.weights_id) and keyed != hashed
+    assert step_cache_folder(raw.model, "fp32", tmp_path, raw.weights_id) != keyed
+    monkeypatch.setenv("DBAE_CACHE_DIR", str(tmp_path))
+    renderer = Renderer(ema.model, "onnxruntime-step", "fp32", DecodeSetting(2), weights_id=ema.weights_id)
+    try:  # (what dbae serve passes)
+        assert renderer.runner().graphs.folder == keyed
+    finally:
+        renderer.close()
 
 
 def test_registry_kind_and_the_default_cache_folder(model, tmp_path, monkeypatch, capsys):

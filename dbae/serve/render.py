@@ -160,7 +160,7 @@ class Renderer:
     :data:`dbae.export.registry.KINDS`) for ``model``, batching up to ``max_batch`` rows."""
 
     def __init__(self, model: DBAE, kind: str, precision: str, default: DecodeSetting, *, max_batch: int = 16,
-                 editing_s: float = EDITING_S) -> None:  # fmt: skip
+                 editing_s: float = EDITING_S, weights_id: str | None = None) -> None:  # fmt: skip
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.editing_s = editing_s
@@ -171,7 +171,7 @@ class Renderer:
         self._served_at: dict[int, int] = {}  # owner -> the call that last served it
         self._edited_at: dict[int, float] = {}  # owner -> perf_counter() of its last one-row job
         self._last_owners: set[int] = set()  # the owners of the last call
-        self._make = runner_factory(kind, model, precision)
+        self._make = runner_factory(kind, model, precision, weights_id=weights_id)
         self._runners: dict[DecodeSetting, Runner] = {}
         # the worker thread runs with torch's CPU thread count of now (see dbae serve --threads)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbae-runner",

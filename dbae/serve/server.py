@@ -98,7 +98,7 @@ def make_studio(
         torch.set_num_threads(threads or default_cpu_threads())
         n = torch.get_num_threads()
         threads_note = f", {n} CPU thread{'s' if n > 1 else ''} per call"
-    renderer = Renderer(model, kind, precision, setting, max_batch=max_batch)
+    renderer = Renderer(model, kind, precision, setting, max_batch=max_batch, weights_id=loaded.weights_id)
     t0 = time.perf_counter()
     with torch.no_grad():  # build the default runner and warm it up (first calls allocate)
         r = renderer.runner(setting)
