@@ -14,7 +14,8 @@ serves owners round-robin, least recently served first: the first waiting job of
 least recently served owner sets the call's kind (encode or decode, the decode setting, and
 whether it is a strip, a job of two or more rows: one-row jobs never share a call with
 strips), and the call takes rows of that kind one per owner and round, so a job of L rows
-(a strip of L images) costs L rows and is split over calls when others wait. A call is one round (at most one row per
+(a strip of L images) costs L rows and is split over calls when others wait. A call is one
+round (at most one row per
 owner) unless every job waiting is of one kind and every owner of the previous call is
 back among them; only then do rounds repeat up to ``max_batch`` rows (batching as before).
 
@@ -29,9 +30,9 @@ one row per connection and ``max_batch`` rows; the one-row jobs that come while 
 its pause point join it. A well-behaved edit then waits for at most one U-Net evaluation of
 a strip's call instead of the whole call, and the call still advances at least one
 evaluation between two such edits. While somebody edits (see :data:`EDITING_S`), calls of
-strip rows hold at most :data:`STRIP_ROWS_WHILE_EDITING` rows, so that evaluation is short. Calls of one-row jobs only are not pre-empted (edits
-take turns, batched, as above). A job handed over that its call ended before reaching goes
-back to the queue.
+strip rows hold at most :data:`STRIP_ROWS_WHILE_EDITING` rows, so that evaluation is short.
+Calls of one-row jobs only are not pre-empted (edits take turns, batched, as above). A job
+handed over that its call ended before reaching goes back to the queue.
 
 Runners are made by :func:`dbae.export.registry.factory`, one per decode setting (steps,
 sampler), on first use, and kept.
@@ -39,8 +40,8 @@ sampler), on first use, and kept.
 Timing of each job (:class:`Rendered`): ``runner_ms`` the runner calls it was part of
 (measured in the worker thread, the copy of the result to the CPU included), ``blocked_ms``
 the runner time spent on other calls while it waited, ``queue_ms`` its wait for its first
-call, ``rows`` / ``jobs`` the size of its (last) call, ``calls`` how many calls its rows took, ``preempted`` whether it ran inside another
-call (at a pause point).
+call, ``rows`` / ``jobs`` the size of its (last) call, ``calls`` how many calls its rows
+took, ``preempted`` whether it ran inside another call (at a pause point).
 """
 
 from __future__ import annotations
@@ -183,10 +184,10 @@ class Renderer:
         self._busy_since: float | None = None  # perf_counter() when the current call started
         self._started = 0  # calls started (the next call's index)
         # pre-emption: the call handed to the worker thread for the running call's next pause
-        # point, (op, setting, x, future of (out, runner_ms)), and the ms of such calls run
-        # during the current call (not counted in its own runner_ms)
+        # point, and the ms of such calls run during the current call (not counted in its own
+        # runner_ms)
         self._handoff_lock = threading.Lock()
-        self._handoff: tuple[str, DecodeSetting, Tensor, Future] | None = None
+        self._handoff: _Handoff | None = None
         self._paused_ms = 0.0
         self.stats = RendererStats()
 
@@ -239,6 +240,8 @@ class Renderer:
             job.owner = id(job)
         if job.rows == 1:
             self._edited_at[job.owner] = job.submitted
+            if len(self._edited_at) > 4096:  # (connections long gone)
+                self._forget_old_edits()
         self._jobs.append(job)
         self._arrived.set()
         return await future
@@ -324,7 +327,8 @@ class Renderer:
         small = [j for j in waiting if j.rows == 1 and j.taken == 0 and j.owner not in running and not j.future.done()]
         return sorted(small, key=lambda j: served.get(j.owner, -1))  # (stable: in arrival order among equals)
 
-    def _hand_over(self, loop: asyncio.AbstractEventLoop, waiting: list[_Job], running: set[int]) -> asyncio.Future | None:
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, waiting: list[_Job],
+                   running: set[int]) -> asyncio.Future | None:  # fmt: skip
         """Hand the worker a call of the jobs that may pre-empt the running call (one per
         connection, of one kind and setting: the least recently served connection's); the
         task that delivers its rows, or None when there is none."""
@@ -434,11 +438,14 @@ class Renderer:
 
     def _somebody_edits(self, stripping: set[int]) -> bool:
         """Whether a connection other than ``stripping`` (those with a strip waiting) sent a
-        one-row job within ``editing_s`` (:data:`EDITING_S`); forgets the older ones."""
+        one-row job within ``editing_s`` (:data:`EDITING_S`)."""
+        self._forget_old_edits()
+        return any(o not in stripping for o in self._edited_at)
+
+    def _forget_old_edits(self) -> None:
         now = time.perf_counter()
         for owner in [o for o, t in self._edited_at.items() if now - t > self.editing_s]:
             del self._edited_at[owner]
-        return any(o not in stripping for o in self._edited_at)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Job, int, int]]) -> None:
         op, setting = batch[0][0].op, batch[0][0].setting
