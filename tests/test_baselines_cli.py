@@ -58,9 +58,12 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_diffae_trains_resumes_exactly_and_evaluates(tmp_path, capsys):
     run, whole = tmp_path / "run", tmp_path / "whole"
     # 2 steps, then --resume to 4: the same weights, EMA and optimizer as 4 steps in one go
-    assert _train(run, "diffae", "--steps", "2", "--log-every", "1", "--ckpt-every", "2") == 0
+    # (only the resumed run checks its reconstructions after training: --eval-images 0 skips the others')
+    assert _train(run, "diffae", "--steps", "2", "--log-every", "1", "--ckpt-every", "2", "--eval-images", "0") == 0
+    assert not (run / "eval.json").exists()
     assert _train(run, "diffae", "--steps", "4", "--log-every", "1", "--ckpt-every", "2", "--resume", "auto") == 0
-    assert _train(whole, "diffae", "--steps", "4", "--log-every", "1", "--ckpt-every", "2") == 0
+    assert _train(whole, "diffae", "--steps", "4", "--log-every", "1", "--ckpt-every", "2", "--eval-images", "0") == 0
+    assert not (whole / "eval.json").exists()
     out = capsys.readouterr().out
     assert "trained diffae tiny16 to step 4" in out and "inferred x_T" in out and "random x_T" in out
     last = run / "checkpoints" / "step-00000004.safetensors"
@@ -137,7 +140,7 @@ def test_pdae_trains_both_stages_and_reuses_stage_1(tmp_path, capsys):
         got = {k[len(group):]: v for k, v in _tensors(stage2, group + "eps_net.").items()}
         assert ddpm_eps and _same(got, ddpm_eps), group
     # --pdae-ddpm-ckpt skips stage 1; from the same DDPM and seed, stage 2 comes out identical
-    assert _train(reuse, "pdae", "--steps", "3", "--pdae-ddpm-ckpt", str(run / "ddpm")) == 0
+    assert _train(reuse, "pdae", "--steps", "3", "--pdae-ddpm-ckpt", str(run / "ddpm"), "--eval-images", "0") == 0
     assert not (reuse / "ddpm").exists()
     assert _same(load_file(str(stage2)), load_file(str(reuse / "checkpoints" / "step-00000003.safetensors")))
     out = capsys.readouterr().out
@@ -184,7 +187,7 @@ def test_baselines_refuse_torchrun(tmp_path, capsys, monkeypatch):
 
 def test_run_directories_do_not_mix_methods(tmp_path, capsys):
     run = tmp_path / "run"
-    assert _train(run, "diffae", "--steps", "1") == 0
+    assert _train(run, "diffae", "--steps", "1", "--eval-images", "0") == 0
     capsys.readouterr()
     for method in ("dbae", "pdae"):
         assert _train(run, method, "--steps", "1", "--resume") == 2
@@ -195,8 +198,8 @@ def test_run_directories_do_not_mix_methods(tmp_path, capsys):
 
 def test_eval_options_of_the_other_kind_of_checkpoint(tmp_path, capsys):
     dbae_run, diffae_run, ev = tmp_path / "dbae", tmp_path / "diffae", tmp_path / "eval"
-    assert _train(dbae_run, "dbae", "--steps", "1") == 0
-    assert _train(diffae_run, "diffae", "--steps", "1") == 0
+    assert _train(dbae_run, "dbae", "--steps", "1", "--eval-images", "0") == 0
+    assert _train(diffae_run, "diffae", "--steps", "1", "--eval-images", "0") == 0
     capsys.readouterr()
     common = ["--dataset", "shapes", "--n", "2", "--out", str(ev)]
     # a DBAE checkpoint: reconstruction as before (no method field, its sampler settings)

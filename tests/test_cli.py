@@ -95,6 +95,13 @@ def test_train_command_end_to_end(capsys, tmp_path):
     # mixed precision is a CUDA feature: on the CPU the run says it trains in fp32
     code, stdout, _ = run(capsys, *argv[:4], "5", *argv[5:], "--resume", "--precision", "bf16")
     assert code == 0 and "note: --precision bf16 is mixed precision on CUDA; on cpu this run trains in fp32" in stdout
+    # --eval-images 0: no check after training (eval.json stays the last one); a negative count is refused
+    before = (out / "eval.json").read_text()
+    code, stdout, _ = run(capsys, *argv[:4], "6", *argv[5:], "--resume", "--eval-images", "0")
+    assert code == 0 and "step 6" in stdout and "(no check after training: --eval-images 0)" in stdout
+    assert (out / "eval.json").read_text() == before and "trained   :" not in stdout
+    code, _, err = run(capsys, *argv, "--eval-images", "-1")
+    assert code == 2 and err.strip() == "dbae train: error: --eval-images must be >= 0 (0: no check after training), got -1"
 
 
 def _bad_images(tmp_path):

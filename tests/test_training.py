@@ -213,7 +213,8 @@ def test_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
 
 #: the `dbae train` run of the signal tests (100 steps: the signal comes after 3)
 SIGNAL_RUN = ["-m", "dbae.cli.main", "train", "--preset", "tiny16", "--steps", "100", "--batch-size", "4",
-              "--log-every", "1", "--sample-every", "1000", "--ckpt-every", "1000", "--no-progress"]  # fmt: skip
+              "--log-every", "1", "--sample-every", "1000", "--ckpt-every", "1000", "--no-progress",
+              "--eval-images", "0"]  # fmt: skip
 
 
 def _signal_run(out: Path, *extra: str, **kwargs):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..baselines.runs import check_run_method
 from ..config import PRESETS, get_preset
-from ..errors import DBAEError
+from ..errors import ConfigError, DBAEError
 from ..training import TrainOptions, override, train
 from ..training.distributed import all_ranks, env_rank, session
 from . import train_baselines
@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="auto, cpu or cuda[:N]; under torchrun auto, cpu or cuda (each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--eval-images", type=int, metavar="N",
+                   help="held-out images of the reconstruction check after training (eval.json; default 64, "
+                        "16 for the baselines; 0: no check)")
     add_zoom_argument(p, "the sample grids' images")
     add_image_limit_argument(p)
     train_baselines.add_arguments(p)
@@ -86,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.eval_images is not None and args.eval_images < 0:
+        raise all_ranks(ConfigError(f"--eval-images must be >= 0 (0: no check after training), got {args.eval_images}"))
     if args.method != "dbae":
         return train_baselines.run(args)
     train_baselines.check_method_options(args)
@@ -109,7 +114,8 @@ def _run(args: argparse.Namespace) -> int:
             TrainOptions(out=out, resume=args.resume is not None, compile=args.compile, device=args.device,
                          channels_last=args.channels_last, grid_zoom=args.zoom,
                          progress=not args.no_progress, keep_last=3 if args.keep_last is None else args.keep_last,
-                         grad_accum=1 if args.grad_accum is None else args.grad_accum, dist=dist),
+                         grad_accum=1 if args.grad_accum is None else args.grad_accum, dist=dist,
+                         **({} if args.eval_images is None else {"eval_images": args.eval_images})),
         )
     if dist is not None and not dist.is_main:
         return 0 if result.stopped_by is None else 128 + result.stopped_by
@@ -124,6 +130,9 @@ def _run(args: argparse.Namespace) -> int:
     if before is not None:
         print(f"  untrained : MSE {before['mse']:.4f}  PSNR {before['psnr']:.2f} dB  SSIM {before['ssim']:.3f}")
     after = result.eval
+    if after is None:  # --eval-images 0
+        print(f"  metrics   : {out / 'metrics.jsonl'} (no check after training: --eval-images 0)")
+        return 0
     print(f"  trained   : MSE {after['mse']:.4f}  PSNR {after['psnr']:.2f} dB  SSIM {after['ssim']:.3f}"
           f"  ({after['nfe']} NFE, EMA weights, held-out images)")
     print(f"  grid      : {out / 'samples' / 'final.png'}")

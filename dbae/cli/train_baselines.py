@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"{args.preset}-{args.method}"
     check_out_dir(out)
     options = RunOptions(out=out, dataset=args.dataset or "shapes", resume=args.resume is not None,
-                         device=args.device, progress=not args.no_progress)  # fmt: skip
+                         device=args.device, progress=not args.no_progress,
+                         **({} if args.eval_images is None else {"eval_images": args.eval_images}))  # fmt: skip
     if args.method == "diffae":
         preset = diffae_preset(args.preset)
         preset = dataclasses.replace(preset, train=_train_config(preset.train, args))
