@@ -147,7 +147,7 @@ def test_loss_weighting() -> None:
 
 
 # ----- (2) a tiny PDAE on shapes -----
-DDPM_STEPS, PDAE_STEPS = 200, 150
+DDPM_STEPS, PDAE_STEPS = 120, 90  # (at these, every check below passed by a factor of 1.3 or more)
 
 
 def _test_images(n: int = 16) -> torch.Tensor:
@@ -170,8 +170,8 @@ def trained():
 
 
 def test_pdae_loss_falls_and_only_encoder_and_G_learn(trained) -> None:
-    """Stage 2's weighted loss falls (~0.011 -> ~0.008) and, on a fixed batch, the trained model
-    beats its start (G = 0: the DDPM alone, ~0.012 -> ~0.009). The DDPM stays frozen: its weights are
+    """Stage 2's weighted loss falls (~0.019 -> ~0.012) and, on a fixed batch, the trained model
+    beats its start (G = 0: the DDPM alone, ~0.021 -> ~0.014). The DDPM stays frozen: its weights are
     bit-identical to the pre-trained EMA weights and it gets no gradients."""
     ddpm, pdae = trained
     first, last = pdae.losses[0][1], pdae.losses[-1][1]
@@ -202,7 +202,7 @@ def test_pdae_loss_falls_and_only_encoder_and_G_learn(trained) -> None:
 
 def test_inferred_x_T_beats_random_x_T(trained) -> None:
     """Reconstruction from the DDIM-inverted x_T (MSE ~3e-3 at 20+20 steps) is far better than
-    decoding z from a random x_T (~0.27), which in turn beats the DDPM alone (G = 0, ~0.41):
+    decoding z from a random x_T (~0.33), which in turn beats the DDPM alone (G = 0, ~0.48):
     z carries part of the image, x_T the rest (the DBAE paper's information split)."""
     ddpm, pdae = trained
     model = pdae.ema
