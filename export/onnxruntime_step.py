@@ -49,7 +49,7 @@ from dbae.sampling import BridgeSampler
 
 from .manifest import GraphInfo, Manifest, read_manifest
 from .onnxruntime_runner import check_precision, require_onnxruntime, session_options
-from .runner import DecodeSetting, Runner, pause_point
+from .runner import DecodeSetting, PausingNetwork, Runner
 
 Tensor = torch.Tensor
 
@@ -156,17 +156,13 @@ class _Graph:
 
 
 class _GraphModule(nn.Module):
-    """A graph in the place of one of the model's networks (no parameters of its own);
-    ``pauses``: a :func:`dbae.export.runner.pause_point` before each run (the U-Net's)."""
+    """A graph in the place of one of the model's networks (no parameters of its own)."""
 
-    def __init__(self, graph: _Graph, pauses: bool = False) -> None:
+    def __init__(self, graph: _Graph) -> None:
         super().__init__()
         self.graph = graph
-        self.pauses = pauses
 
     def forward(self, *xs: Tensor) -> Tensor:
-        if self.pauses:
-            pause_point()
         return self.graph(*xs)
 
 
@@ -212,7 +208,7 @@ class StepGraphs:
         view._modules = dict(model._modules)  # copy.copy would share the dict of submodules
         view.encoder = None  # encodes run the encoder graph (the mean), never the torch encoder
         view.decoder = _GraphModule(graphs["endpoint"])
-        view.unet = _GraphModule(graphs["network"], pauses=True)
+        view.unet = PausingNetwork(_GraphModule(graphs["network"]))  # (see dbae.serve.render)
         view.sampling_bridge = _RememberingBridge(model.sampling_bridge)
         view.sampler = BridgeSampler(view.sampling_bridge)
         self.model = view.eval()

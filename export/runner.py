@@ -13,7 +13,7 @@ device: a runner moves them to its own and returns its outputs there (:attr:`dev
 
 Pause points: a runner whose decode runs the network one evaluation at a time from Python
 (eager, onnxruntime-step: :attr:`Runner.preemptible`) calls :func:`pause_point` before each
-U-Net evaluation. Inside :func:`pausing`, a pause point calls the given hook in the same thread,
+U-Net evaluation (its U-Net behind a :class:`PausingNetwork`). Inside :func:`pausing`, a pause point calls the given hook in the same thread,
 which may run other, short work on the runners (``dbae serve`` runs a waiting edit there
 instead of after a whole strip, see :mod:`dbae.serve.render`); outside, it does nothing.
 """
@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from dbae.errors import ConfigError, DataError
 from dbae.sampling import SAMPLERS, nfe_for
@@ -82,6 +83,18 @@ def pause_point() -> None:
             hook()
         finally:
             _pause.hook = hook
+
+
+class PausingNetwork(nn.Module):
+    """``net`` behind a :func:`pause_point` (the U-Net of a preemptible runner)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args: Tensor) -> Tensor:
+        pause_point()
+        return self.net(*args)
 
 
 class Runner(ABC):

@@ -26,7 +26,7 @@ from dbae.errors import ConfigError
 from dbae.model import DBAE
 from dbae.nn.unet import ScoreUNet
 
-from .runner import DecodeSetting, Runner, pause_point
+from .runner import DecodeSetting, PausingNetwork, Runner
 
 Tensor = torch.Tensor
 
@@ -73,18 +73,6 @@ class CastNetwork(nn.Module):
 
     def forward(self, *args: Tensor):
         return self._out(self.net(*map(self._in, args)))
-
-
-class PausingNetwork(nn.Module):
-    """``net`` behind a :func:`dbae.export.runner.pause_point` (the eager runner's U-Net)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, *args: Tensor) -> Tensor:
-        pause_point()
-        return self.net(*args)
 
 
 NETWORKS = ("encoder", "decoder", "unet")
