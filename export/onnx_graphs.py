@@ -23,43 +23,39 @@ from .runner import DecodeSetting
 Tensor = torch.Tensor
 
 
-def _dtype(model: DBAE) -> torch.dtype:
-    return next(model.parameters()).dtype
+class _ModelGraph(nn.Module):
+    """A graph of ``model``: the model, and the dtype its weights hold (the networks' inputs
+    are cast to it)."""
+
+    def __init__(self, model: DBAE) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
 
 
-class EncoderGraph(nn.Module):
+class EncoderGraph(_ModelGraph):
     """images (B, C, H, W) -> z (B, z_dim): the encoder mean, one pass."""
 
     input_names = ("images",)
     output_names = ("z",)
     nfe = 0
 
-    def __init__(self, model: DBAE) -> None:
-        super().__init__()
-        self.model = model
-        self.dtype = _dtype(model)
-
     def forward(self, images: Tensor) -> Tensor:
         return self.model.encode(images.to(self.dtype)).float()
 
 
-class EndpointGraph(nn.Module):
+class EndpointGraph(_ModelGraph):
     """z (B, z_dim) -> x_T = Dec(z) (B, C, H, W)."""
 
     input_names = ("z",)
     output_names = ("x_T",)
     nfe = 0
 
-    def __init__(self, model: DBAE) -> None:
-        super().__init__()
-        self.model = model
-        self.dtype = _dtype(model)
-
     def forward(self, z: Tensor) -> Tensor:
         return self.model.endpoint(z.to(self.dtype)).float()
 
 
-class DenoiserGraph(nn.Module):
+class DenoiserGraph(_ModelGraph):
     """One denoiser evaluation (x_t, t, x_T, z) -> D (not clamped); t has shape (B,).
 
     The preconditioning is computed from t inside the graph in float64 (as in
@@ -71,17 +67,12 @@ class DenoiserGraph(nn.Module):
     output_names = ("D",)
     nfe = 1
 
-    def __init__(self, model: DBAE) -> None:
-        super().__init__()
-        self.model = model
-        self.dtype = _dtype(model)
-
     def forward(self, x_t: Tensor, t: Tensor, x_T: Tensor, z: Tensor) -> Tensor:
         dt = self.dtype
         return self.model.denoise(x_t.to(dt), t, x_T.to(dt), z.to(dt)).float()
 
 
-class NetworkGraph(nn.Module):
+class NetworkGraph(_ModelGraph):
     """The score U-Net alone, (x_in, c_noise, x_T, z) -> F, with x_in = c_in x_t; c_noise has
     shape (B,). The preconditioning stays on the host (float64 scalars, as
     :meth:`DBAE.network_output` computes them), so one graph serves every decode setting: the
@@ -93,17 +84,12 @@ class NetworkGraph(nn.Module):
     output_names = ("F",)
     nfe = 1
 
-    def __init__(self, model: DBAE) -> None:
-        super().__init__()
-        self.model = model
-        self.dtype = _dtype(model)
-
     def forward(self, x_in: Tensor, c_noise: Tensor, x_T: Tensor, z: Tensor) -> Tensor:
         dt = self.dtype
         return self.model.unet(x_in.to(dt), c_noise, x_T.to(dt), z.to(dt)).float()
 
 
-class DecodeGraph(nn.Module):
+class DecodeGraph(_ModelGraph):
     """z (B, z_dim) -> images (B, C, H, W) in [-1, 1]: x_T = Dec(z), then ``setting.steps``
     unrolled steps of ``setting.sampler`` (ODE, no churn), D clamped as in :meth:`DBAE.decode`."""
 
@@ -111,10 +97,8 @@ class DecodeGraph(nn.Module):
     output_names = ("images",)
 
     def __init__(self, model: DBAE, setting: DecodeSetting) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.setting = setting
-        self.dtype = _dtype(model)
         self.nfe = setting.nfe
         plan = model.sampler.plan(setting.steps, setting.sampler, 0.0)
         # every time the denoiser is evaluated at: t_hat_i (= t_i), and t_{i+1} for Heun's corrector
